@@ -120,7 +120,10 @@ class Attention(nn.Module):
             # Write the new keys into their slots and attend over every slot filled so far.
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
         # enable_gqa lets SDPA share each KV head across its group of query heads without a copy.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        # mask None means plain causal over this chunk: is_causal lets SDPA pick its fused kernels.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -218,7 +221,7 @@ class Qwen2ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if attention_mask is None and cache is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # plain causal
+            mask = None  # no padding, no cache: plain causal attention
         else:
             mask = attention_mask_4d(key_valid, start, T)
         for i, layer in enumerate(self.model.layers):

@@ -1,0 +1,62 @@
+"""Every prompt minissb sends to a model, in one place.
+
+The student sees the system prompt and the bare question, at sampling, training and evaluation
+alike: training on one prompt format and testing on another would measure the format, not the
+method. Only the teacher sees the hinted prompt with the two earlier attempts.
+"""
+
+from __future__ import annotations
+
+SYSTEM_PROMPT = (
+    "You are a patient math tutor. Solve the problem step by step, explaining the reasoning "
+    "behind each step in detail. Write the final answer at the end, inside \\boxed{}."
+)
+
+# The hinted prompt shows the teacher one attempt that reached the right answer and one that
+# reached the most common wrong answer. It must produce a solution that reads as if written
+# from scratch: the student is trained on it while seeing only the question.
+TEACHER_INSTRUCTIONS = (
+    "Below is a math problem and two earlier attempts at it. One attempt reaches the right final "
+    "answer; the other makes a mistake and reaches a wrong one.\n\n"
+    "Write your own complete solution to the problem. Work step by step and explain each step "
+    "clearly. At the point where the mistaken attempt went wrong, take extra care and briefly "
+    "point out the pitfall to avoid, phrased as general advice about the problem. Your solution "
+    "must stand on its own: do not mention, quote or compare with the attempts, and do not say "
+    "that you were shown anything. End with the final answer inside \\boxed{}."
+)
+
+# Section labels of the hinted prompt. The quality gates also look for them in teacher
+# solutions: a solution that repeats them is leaking the hint.
+LABEL_PROBLEM = "### Problem"
+LABEL_CORRECT = "### Attempt that reaches the right answer"
+LABEL_WRONG = "### Attempt that reaches a wrong answer"
+LABEL_GOLD = "### Right final answer"
+LABEL_TASK = "### Your task"
+
+
+def student_chat(question: str) -> list[dict]:
+    """The chat a student (and any evaluated model) sees: system prompt + bare question."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question.strip()}]
+
+
+def teacher_chat(
+    question: str,
+    correct_response: str,
+    wrong_response: str,
+    *,
+    wrong_first: bool = False,
+    gold: str | None = None,
+) -> list[dict]:
+    """The hinted chat the teacher answers.
+
+    The paper shows the correct response first; `wrong_first` swaps the two. `gold`, when given,
+    also states the right final answer.
+    """
+    correct = f"{LABEL_CORRECT}\n{correct_response.strip()}"
+    wrong = f"{LABEL_WRONG}\n{wrong_response.strip()}"
+    attempts = [wrong, correct] if wrong_first else [correct, wrong]
+    parts = [f"{LABEL_PROBLEM}\n{question.strip()}", *attempts]
+    if gold is not None:
+        parts.append(f"{LABEL_GOLD}\n{gold}")
+    parts.append(f"{LABEL_TASK}\n{TEACHER_INSTRUCTIONS}")
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
