@@ -52,6 +52,8 @@ class Qwen2Config:
     def from_dict(cls, d: dict) -> "Qwen2Config":
         # HF configs carry many keys we do not use (sliding_window, use_cache, ...): keep ours.
         known = {f.name for f in fields(cls)}
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
+            d = {**d, "rope_theta": d["rope_parameters"].get("rope_theta")}  # transformers >= 5 nests it
         if d.get("rope_scaling"):
             raise ModelLoadError(f"rope_scaling={d['rope_scaling']} is not supported by minissb")
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})

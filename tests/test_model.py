@@ -33,9 +33,9 @@ TINY = dict(
 )
 
 
-def hf_tiny(tmp_path: Path, tied: bool, shard: bool = False, seed: int = 0):
+def hf_tiny(tmp_path: Path, tied: bool, shard: bool = False, seed: int = 0, rope_theta: float = 1e6):
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied)
+    cfg = transformers.Qwen2Config(**{**TINY, "rope_theta": rope_theta}, tie_word_embeddings=tied)
     hf = transformers.Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than HF's init, so logits are not all near zero
         for p in hf.parameters():
@@ -58,14 +58,15 @@ def padded_batch(pad_side: str, lengths=(9, 5, 7), total=9, vocab=512, seed=1):
     return ids, mask
 
 
-@pytest.mark.parametrize("tied,shard", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("tied,shard,theta", [(True, False, 1e6), (False, False, 1e4), (True, True, 1e6)])
 @pytest.mark.parametrize("pad_side", ["left", "right"])
-def test_logits_match_transformers_float32(tmp_path, tied, shard, pad_side):
-    hf, path = hf_tiny(tmp_path, tied, shard)
+def test_logits_match_transformers_float32(tmp_path, tied, shard, theta, pad_side):
+    hf, path = hf_tiny(tmp_path, tied, shard, rope_theta=theta)
     if shard:
         assert (path / "model.safetensors.index.json").is_file()
     model = from_pretrained(path, dtype=torch.float32)
     assert model.config.tie_word_embeddings == tied
+    assert model.config.rope_theta == theta
     if tied:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     ids, mask = padded_batch(pad_side)
