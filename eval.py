@@ -1,0 +1,92 @@
+"""SSB stage 4: accuracy of a base model and its LoRA adapters on GSM8K test, MATH-500 and AIME 2024.
+
+    python eval.py --model Qwen/Qwen2.5-3B-Instruct --adapter runs/train/adapter --data-dir ../shared/data
+    python eval.py --datasets aime24 --samples 16 --temperature 0.6 --adapter runs/train/adapter
+
+Writes into --out (runs/eval by default), for the base model and each adapter x dataset:
+    <label>__<dataset>.jsonl      every response with its extracted answer and verdict
+    <label>__<dataset>.run.json   the generation arguments: a restart must match them
+    results.json                  the table below as JSON
+and prints a table: problems, accuracy with its 95% Wilson score interval, mean response
+length in tokens and the difference to the base model. Killed and rerun with the same
+arguments, it continues where it stopped; a larger --limit extends an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Literal copies (kept in sync by tests/test_eval_cli.py) so that --help imports no torch.
+DATASET_NAMES = ("gsm8k", "math500", "aime24")
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 1024, "math500": 2048, "aime24": 4096}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # "(default: x)" only where x says something: not for None, False, [] or a help that gives it.
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Evaluate a model and LoRA adapters with the student prompt (SSB stage 4).",
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--model", default="Qwen/Qwen2.5-3B-Instruct", help="base model: HF-format directory or hub repo id")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="LoRA adapter directory (PEFT format, e.g. train.py's OUT/adapter); repeat for several. "
+                        "Each is merged into freshly loaded base weights. LABEL names its rows and files "
+                        "(default: the folder name)")
+    g.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base model")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype")
+    g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (for CUDA)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--datasets", default=",".join(DATASET_NAMES),
+                   help=f"comma-separated, from {', '.join(DATASET_NAMES)} (GSM8K test split, MATH-500, AIME 2024)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder of local hub mirrors named owner__name (e.g. ../shared/data); default: download from the hub")
+    g.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
+                   help="one dataset from a .jsonl/.parquet file or a hub-mirror folder; overrides --data-dir; repeatable")
+    g.add_argument("--limit", type=int, default=None, help="only the first N problems of each dataset")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--samples", type=int, default=1,
+                   help="samples per problem, k (needs --temperature > 0): reports avg@k, the mean share of right samples, and "
+                        "maj@k, the majority answer (equivalent answers vote together, no answer = no vote, a tie goes to "
+                        "the answer seen first); 1 = greedy pass@1")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="top-k filter when sampling (0 or unset = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus filter when sampling (unset = off)")
+    caps = ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NEW_TOKENS.items())
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"new-token cap per response for every dataset (default per dataset: {caps}; a cut-off response usually has no answer)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="sequences per generation call (problems per call = batch size // samples, at least 1)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/eval", help="output directory for responses, run configs and results.json")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from minissb.evaluate import eval_main  # after parsing, so --help is instant
+
+    try:
+        return eval_main(args)
+    except ValueError as e:  # minissb's errors (DataError, LoRAError, ModelLoadError, EvalError, ...) say what to fix
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,572 @@
+"""SSB stage 4: accuracy of a base model and its LoRA adapters on GSM8K, MATH-500 and AIME 2024.
+
+Every model sees exactly what the student saw in training: prompts.student_chat(question)
+rendered with the Qwen2.5 chat template and the generation prompt. Greedy decoding gives
+pass@1. With k samples at a temperature, each problem gets
+
+    avg@k  its share of correct samples (the mean over problems is the accuracy), and
+    maj@k  whether the majority answer is right: answers vote in groups of equivalent answers
+           (grader.answer_key); a sample with no extracted answer does not vote; a tie goes to
+           the tied answer seen first (lowest sample index); no votes at all counts as wrong.
+
+Intervals are 95% Wilson score intervals, treating the n problems as n Bernoulli trials with
+the observed accuracy (for avg@k this ignores that averaging k samples per problem lowers the
+variance, so the interval is a little wide).
+
+Files, for each (model or adapter) x dataset, in the output directory:
+    <label>__<dataset>.jsonl      one record per problem: every response, its extracted answer,
+                                  verdict, length in tokens and finish reason, plus the vote
+    <label>__<dataset>.run.json   the generation arguments: a restart must match them
+    results.json                  the metrics table as JSON
+Records are appended and fsynced one problem at a time, so a killed run is continued by
+running the same command again (a half-written last line is dropped). Metrics are always
+computed from the records on disk for the problems asked for, old and new alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Hashable, Sequence
+
+from minissb import grader, prompts
+from minissb.data import DATASETS, Problem, append_jsonl, load_problems, read_jsonl
+from minissb.ssb import resolve_device, write_json_atomic
+
+
+class EvalError(ValueError):
+    """An evaluation cannot start or continue; the message says what to fix."""
+
+
+# New-token caps per dataset. GSM8K solutions of Qwen2.5-Instruct take ~150-400 tokens and
+# MATH-500 ones mostly under 1,000 with a long tail; AIME solutions run long and a cut-off one
+# scores zero, so AIME gets the most room.
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 1024, "math500": 2048, "aime24": 4096}
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+# generate_fn(prompts_ids, *, num_samples, temperature, top_k, top_p, max_new_tokens, seed)
+# -> completions, prompt-major (row i * num_samples + j), each with .token_ids (no stop token),
+# .finish_reason ("stop" | "length") and optionally .text.
+GenerateFn = Callable[..., list]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion successes / n: the p with |p_hat - p| <= z sqrt(p(1-p)/n).
+
+    Unlike p_hat +- z sqrt(p_hat(1-p_hat)/n) it stays inside [0, 1] and is not zero-width at
+    0/n or n/n, which matters for 30 AIME problems. n = 0 gives the uninformative (0, 1).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def majority_vote(keys: Sequence[Hashable | None]) -> int | None:
+    """Index of the sample whose answer wins the vote, or None when no sample has an answer.
+
+    keys[i] is sample i's canonical answer (None = no answer, no vote). The most frequent key
+    wins; among tied keys the one that appears first wins, and the returned index is that
+    key's first sample.
+    """
+    counts: dict[Hashable, int] = {}
+    first: dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return min(first[key] for key, c in counts.items() if c == top)
+
+
+def score_responses(texts: Sequence[str], gold: str, dataset: str) -> tuple[list[str | None], list[bool], int | None]:
+    """(extracted answers, verdicts, index of the majority-vote winner) for one problem's samples."""
+    answers = [grader.extract_answer(t, dataset) for t in texts]
+    correct = [a is not None and grader.is_equivalent(a, gold, dataset) for a in answers]
+    keys = [None if a is None else grader.answer_key(a, dataset) for a in answers]
+    return answers, correct, majority_vote(keys)
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Metrics over problem records (each with "responses": [{"correct", "tokens", "answer", "finish_reason"}]
+    and "maj_correct").
+
+    accuracy = mean over problems of the share of correct samples: pass@1 for one greedy
+    sample, avg@k for k samples. maj_accuracy = share of problems whose majority answer is right.
+    """
+    n = len(records)
+    per_problem = [sum(r["correct"] for r in rec["responses"]) / len(rec["responses"]) for rec in records]
+    responses = [r for rec in records for r in rec["responses"]]
+    acc_sum = sum(per_problem)
+    maj_sum = sum(bool(rec["maj_correct"]) for rec in records)
+    return {
+        "problems": n,
+        "samples": len(responses) // n if n else 0,
+        "accuracy": acc_sum / n if n else 0.0,
+        "ci95": list(wilson_interval(acc_sum, n)),
+        "maj_accuracy": maj_sum / n if n else 0.0,
+        "maj_ci95": list(wilson_interval(maj_sum, n)),
+        "mean_tokens": sum(r["tokens"] for r in responses) / len(responses) if responses else 0.0,
+        "no_answer_rate": sum(r["answer"] is None for r in responses) / len(responses) if responses else 0.0,
+        "truncated_rate": sum(r["finish_reason"] == "length" for r in responses) / len(responses) if responses else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_eval_problems(
+    datasets: Sequence[str],
+    data_dir: str | os.PathLike | None = None,
+    data_files: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> dict[str, list[Problem]]:
+    """The evaluation split of each dataset: GSM8K test, MATH-500 test, AIME 2024 (its one split).
+
+    data_files[dataset] (a file or a hub-mirror folder) wins over data_dir (a folder of mirrors
+    named owner__name, like shared/data); with neither the files come from the hub.
+    """
+    data_files = data_files or {}
+    unknown = [d for d in (*datasets, *data_files) if d not in DATASETS]
+    if unknown:
+        raise EvalError(f"unknown dataset {unknown[0]!r}: choose from {', '.join(DATASETS)}")
+    if not datasets:
+        raise EvalError(f"no dataset given: choose from {', '.join(DATASETS)}")
+    out = {}
+    for name in datasets:
+        source = data_files.get(name, data_dir)
+        problems = load_problems(name, source=source, limit=limit)
+        if not problems:
+            raise EvalError(f"{name}: no problems to evaluate (source {source or 'hub'}, limit {limit})")
+        seen = set()
+        for p in problems:
+            if p.id in seen:
+                raise EvalError(f"{name}: problem id {p.id!r} occurs twice in {source or 'the hub file'}; records are keyed by id")
+            seen.add(p.id)
+        out[name] = problems
+    return out
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+@dataclass
+class EvalTarget:
+    """One thing to evaluate: the base model (adapter None) or the base model + one adapter."""
+
+    label: str  # names the output files and the table row
+    adapter: Path | None = None
+
+
+def make_targets(adapters: Sequence[str], include_base: bool = True) -> list[EvalTarget]:
+    """Base first, then each adapter. An adapter is DIR or LABEL=DIR; the label defaults to the
+    folder name (with its parent's name in front where two would clash)."""
+    targets = [EvalTarget("base")] if include_base else []
+    parsed = []
+    for spec in adapters:
+        label, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            label, path = "", spec
+        parsed.append((label, Path(path).expanduser()))
+    names = [lbl or p.resolve().name for lbl, p in parsed]
+    for i, (lbl, path) in enumerate(parsed):
+        name = names[i]
+        if not lbl and (names.count(name) > 1 or name == "base"):
+            name = f"{path.resolve().parent.name}-{name}"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "adapter"
+        if name in [t.label for t in targets]:
+            name = f"{name}-{i + 1}"
+        targets.append(EvalTarget(name, path))
+    if not targets:
+        raise EvalError("nothing to evaluate: --no-base needs at least one --adapter")
+    return targets
+
+
+@dataclass
+class Plan:
+    """One responses file to fill: a target on a dataset with its generation arguments."""
+
+    target: EvalTarget
+    dataset: str
+    responses: Path
+    config_path: Path
+    config: dict
+    gen: dict
+    todo: bool  # some asked-for problem has no record yet
+
+
+def response_files(out_dir: Path, label: str, dataset: str) -> tuple[Path, Path]:
+    stem = f"{label}__{dataset}"
+    return out_dir / f"{stem}.jsonl", out_dir / f"{stem}.run.json"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _path_identity(path_or_id) -> str | None:
+    """A local path as an absolute path (a rerun from another folder still matches); a hub id as is."""
+    if path_or_id is None:
+        return None
+    p = Path(path_or_id).expanduser()
+    return str(p.resolve()) if p.exists() else str(path_or_id)
+
+
+def run_config(model: str, target: EvalTarget, dataset: str, data_source, dtype: str, gen: dict) -> dict:
+    """What identifies a responses file: everything that changes its records (not how many or how fast)."""
+    adapter_digest = None
+    if target.adapter is not None:
+        weights = target.adapter / "adapter_model.safetensors"
+        adapter_digest = _file_digest(weights) if weights.is_file() else None
+    return {
+        "model": _path_identity(model),
+        "adapter": _path_identity(target.adapter),
+        "adapter_sha256": adapter_digest,  # a retrained adapter in the same folder is a new run
+        "dataset": dataset,
+        "data": _path_identity(data_source),
+        "dtype": dtype,
+        "system_prompt_sha256": hashlib.sha256(prompts.SYSTEM_PROMPT.encode()).hexdigest()[:16],
+        **gen,
+    }
+
+
+def check_run_config(responses: Path, config_path: Path, config: dict) -> None:
+    """Refuse to add to a responses file written with other generation arguments."""
+    if not config_path.is_file():
+        if responses.is_file() and responses.stat().st_size > 0:
+            raise EvalError(f"{responses} exists but {config_path.name} does not, so its arguments are unknown: "
+                            "pass another --out, or move the old file away")
+        return
+    try:
+        stored = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{config_path}: not valid JSON ({e})") from None
+    diffs = [k for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    if diffs:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {config.get(k)!r} now" for k in diffs[:4])
+        raise EvalError(f"{responses} was written with other arguments ({shown}): rerun with the same "
+                        "arguments to continue it, or pass another --out")
+
+
+def read_records(responses: Path) -> dict[str, dict]:
+    """Problem records already in a responses file, by problem id."""
+    if not responses.is_file():
+        return {}
+    done = {}
+    for n, rec in enumerate(read_jsonl(responses), start=1):
+        if not isinstance(rec.get("id"), str) or not isinstance(rec.get("responses"), list):
+            raise EvalError(f"{responses}: record {n} has no 'id' or 'responses': not written by eval.py?")
+        done[rec["id"]] = rec
+    return done
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def batch_seed(seed: int, ids: Sequence[str]) -> int:
+    """Sampling seed of one generation call, from the run seed and the problems in it."""
+    digest = hashlib.sha256(f"{seed}:eval:{','.join(ids)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def evaluate_dataset(
+    problems: Sequence[Problem],
+    tokenizer,
+    generate_fn: GenerateFn,
+    responses: Path,
+    gen: dict,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict:
+    """Generate and grade the problems that have no record in `responses` yet, appending one
+    record per problem. Returns {"new_problems", "new_tokens", "seconds"} for this session."""
+    from tqdm.auto import tqdm
+
+    done = read_records(responses)
+    todo = [p for p in problems if p.id not in done]
+    k = gen["samples"]
+    per_call = max(1, batch_size // k)  # batch_size counts sequences; each problem gives k
+    stats = {"new_problems": len(todo), "new_tokens": 0, "seconds": 0.0}
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem",
+               disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(todo), per_call):
+        batch = todo[start : start + per_call]
+        prompt_ids = [tokenizer.encode_chat(prompts.student_chat(p.question), add_generation_prompt=True) for p in batch]
+        t0 = time.perf_counter()
+        completions = generate_fn(
+            prompt_ids,
+            num_samples=k,
+            temperature=gen["temperature"],
+            top_k=gen["top_k"],
+            top_p=gen["top_p"],
+            max_new_tokens=gen["max_new_tokens"],
+            seed=batch_seed(gen["seed"], [p.id for p in batch]),
+        )
+        stats["seconds"] += time.perf_counter() - t0
+        if len(completions) != len(batch) * k:
+            raise EvalError(f"the generator returned {len(completions)} completions for {len(batch)} prompts x {k} samples")
+        records = []
+        for i, problem in enumerate(batch):
+            rows = completions[i * k : (i + 1) * k]
+            texts = [c.text if getattr(c, "text", None) is not None else tokenizer.decode(c.token_ids) for c in rows]
+            answers, correct, winner = score_responses(texts, problem.gold, problem.dataset)
+            stats["new_tokens"] += sum(len(c.token_ids) for c in rows)
+            records.append({
+                "id": problem.id,
+                "dataset": problem.dataset,
+                "gold": problem.gold,
+                "question": problem.question,
+                "responses": [
+                    {"text": t, "answer": a, "correct": ok, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                    for t, a, ok, c in zip(texts, answers, correct, rows)
+                ],
+                "maj_answer": None if winner is None else answers[winner],
+                "maj_correct": winner is not None and correct[winner],
+            })
+        append_jsonl(responses, records)  # one line per problem, each flushed and fsynced
+        bar.update(len(batch))
+    bar.close()
+    return stats
+
+
+def model_generate_fn(model, tokenizer, compile: bool = False) -> GenerateFn:
+    """minissb.generate on `model`, stopping at the end of the assistant turn."""
+    from minissb.generate import generate
+
+    def generate_fn(prompt_ids, *, num_samples, temperature, top_k, top_p, max_new_tokens, seed):
+        return generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, num_samples=num_samples, stop_ids=tokenizer.stop_ids, seed=seed,
+                        tokenizer=tokenizer, compile=compile)
+
+    return generate_fn
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """Plain-text table: one row per dataset x model, accuracy in % with its 95% Wilson interval."""
+    k = max((r["samples"] for r in results), default=1)
+    acc_name = "pass@1" if k == 1 else f"avg@{k}"
+    header = ["dataset", "model", "problems", f"{acc_name} % [95% CI]"]
+    if k > 1:
+        header.append(f"maj@{k} % [95% CI]")
+    header += ["mean tokens", "vs base (pts)"]
+    rows = []
+    for r in results:
+        lo, hi = r["ci95"]
+        row = [r["dataset"], r["model"], str(r["problems"]), f"{100 * r['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"]
+        if k > 1:
+            mlo, mhi = r["maj_ci95"]
+            row.append(f"{100 * r['maj_accuracy']:.1f} [{100 * mlo:.1f}, {100 * mhi:.1f}]")
+        d = r.get("delta_vs_base")
+        row += [f"{r['mean_tokens']:.0f}", "-" if d is None else f"{100 * d:+.1f}"]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines)
+
+
+def table_legend(samples: int) -> str:
+    acc = "pass@1 = share of problems the greedy answer gets right" if samples == 1 else (
+        f"avg@{samples} = mean share of the {samples} samples that are right; maj@{samples} = share of problems "
+        "whose majority answer is right (equivalent answers vote together, no answer = no vote, ties go to the answer seen first)")
+    return (f"{acc}. In %, with its 95% Wilson score interval. mean tokens = generated tokens per response. "
+            "vs base = difference to the base model, in percentage points.")
+
+
+def add_deltas(results: list[dict]) -> None:
+    """delta_vs_base: accuracy minus the base model's on the same dataset (None for base / no base)."""
+    base = {r["dataset"]: r for r in results if r["adapter"] is None}
+    for r in results:
+        b = base.get(r["dataset"])
+        same = b is not None and r is not b and b["problems"] == r["problems"]
+        r["delta_vs_base"] = r["accuracy"] - b["accuracy"] if same else None
+        r["maj_delta_vs_base"] = r["maj_accuracy"] - b["maj_accuracy"] if same else None
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def parse_data_files(specs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise EvalError(f"--data {spec!r}: write DATASET=PATH, e.g. gsm8k=data/gsm8k_test.jsonl")
+        out[name.strip()] = path
+    return out
+
+
+def check_adapters_fit(model_dir: Path, targets: Sequence[EvalTarget]) -> None:
+    """Load each adapter into a weightless (meta-device) copy of the model, so a missing file or
+    a shape mismatch stops the run before any model is loaded or evaluated."""
+    import torch
+
+    from minissb.lora import load_adapter
+    from minissb.model import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config.from_json(model_dir / "config.json")
+    for t in targets:
+        if t.adapter is None:
+            continue
+        with torch.device("meta"):
+            skeleton = Qwen2ForCausalLM(cfg)
+        load_adapter(skeleton, t.adapter)
+
+
+def eval_main(args) -> int:
+    """eval.py: evaluate the base model and each adapter on each dataset, print and save the table."""
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    data_files = parse_data_files(args.data or [])
+    for name in ("samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {args.limit}")
+    if args.temperature < 0:
+        raise EvalError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.samples > 1 and args.temperature == 0:
+        raise EvalError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical answers: set --temperature (e.g. 0.6)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    top_k = args.top_k if args.top_k and args.temperature > 0 else None
+    top_p = args.top_p if args.top_p is not None and args.top_p < 1 and args.temperature > 0 else None
+    if top_p is not None and top_p <= 0:
+        raise EvalError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+    # Everything that can be wrong with the inputs is found before the first token is generated.
+    problems = load_eval_problems(datasets, args.data_dir, data_files, args.limit)
+    targets = make_targets(args.adapter or [], include_base=not args.no_base)
+    import torch  # here, so that argument and data errors come without the wait for torch
+
+    from minissb.lora import load_adapter, merge_lora
+    from minissb.model import from_pretrained, resolve_model_dir
+    from minissb.tokenizer import Tokenizer
+
+    model_dir = resolve_model_dir(args.model)
+    check_adapters_fit(model_dir, targets)
+    tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
+    out_dir = Path(args.out)
+    dtype, device = _dtype(args.dtype), resolve_device(args.device)
+    plans = []
+    for t in targets:
+        for name in datasets:
+            gen = {
+                "samples": args.samples,
+                "temperature": args.temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "max_new_tokens": args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[name],
+                "seed": args.seed,
+            }
+            responses, config_path = response_files(out_dir, t.label, name)
+            config = run_config(args.model, t, name, data_files.get(name, args.data_dir), args.dtype, gen)
+            check_run_config(responses, config_path, config)
+            missing = {p.id for p in problems[name]} - set(read_records(responses))
+            plans.append(Plan(t, name, responses, config_path, config, gen, bool(missing)))
+
+    progress = not args.no_progress
+    results = []
+    model, generate_fn, pristine = None, None, False
+    for t in targets:
+        if any(p.todo for p in plans if p.target is t):
+            # Each adapter goes onto freshly loaded base weights: unmerging a bf16 merge does not
+            # give the base weights back bit for bit (minissb.lora), and reloading is cheap next
+            # to generation.
+            if model is None or not pristine:
+                model = generate_fn = None  # drop every reference to the old weights before loading new ones
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                model = from_pretrained(model_dir, dtype=dtype, device=device)
+                pristine = True
+            if t.adapter is not None:
+                load_adapter(model, t.adapter)
+                merge_lora(model)  # base-model speed: no LoRA branch in the forward pass
+                pristine = False
+            generate_fn = model_generate_fn(model, tokenizer, compile=args.compile)
+        for plan in (p for p in plans if p.target is t):
+            session = {"new_problems": 0, "new_tokens": 0, "seconds": 0.0}
+            if plan.todo:
+                write_json_atomic(plan.config_path, plan.config)
+                session = evaluate_dataset(problems[plan.dataset], tokenizer, generate_fn, plan.responses, plan.gen,
+                                           args.batch_size, progress, desc=f"{t.label} {plan.dataset}")
+            records = read_records(plan.responses)
+            summary = summarize([records[p.id] for p in problems[plan.dataset]])
+            tps = session["new_tokens"] / session["seconds"] if session["seconds"] else None
+            results.append({
+                "dataset": plan.dataset,
+                "model": t.label,
+                "adapter": str(t.adapter) if t.adapter is not None else None,
+                **summary,
+                "max_new_tokens": plan.gen["max_new_tokens"],
+                "responses_file": plan.responses.name,
+                "generated_problems": session["new_problems"],
+                "generated_tokens": session["new_tokens"],
+                "generation_seconds": round(session["seconds"], 2),
+                "tokens_per_s": round(tps, 1) if tps else None,
+            })
+            if session["new_problems"]:
+                print(f"{t.label} {plan.dataset}: {session['new_problems']} problems, {session['new_tokens']} tokens "
+                      f"in {session['seconds']:.1f} s ({tps or 0:.1f} tokens/s)")
+    order = {name: i for i, name in enumerate(datasets)}
+    results.sort(key=lambda r: order[r["dataset"]])  # stable: within a dataset, base first, then adapters in order
+    add_deltas(results)
+    print(format_table(results))
+    print(table_legend(args.samples))
+    write_json_atomic(out_dir / "results.json", {
+        "model": args.model,
+        "device": device,
+        "dtype": args.dtype,
+        "interval": "95% Wilson score interval over problems",
+        "results": results,
+    })
+    print(f"wrote {out_dir / 'results.json'}")
+    return 0
+
+
+__all__ = [
+    "EvalError",
+    "EvalTarget",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "wilson_interval",
+    "majority_vote",
+    "score_responses",
+    "summarize",
+    "load_eval_problems",
+    "make_targets",
+    "evaluate_dataset",
+    "format_table",
+    "table_legend",
+    "add_deltas",
+    "eval_main",
+]
