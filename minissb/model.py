@@ -121,8 +121,8 @@ class Attention(nn.Module):
         if cache is not None:
             # Write the new keys into their slots and attend over every slot filled so far.
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
-        if T == 1:
-            y = single_query_attention(q, k, v, mask)  # a decode step
+        if T == 1 and q.device.type == "cpu":
+            y = single_query_attention(q, k, v, mask)  # a decode step (CUDA's SDPA kernels are fine)
         else:
             # enable_gqa lets SDPA share each KV head across its group of query heads without a copy.
             # mask None means plain causal over this chunk: is_causal lets SDPA pick its fused kernels.
@@ -136,19 +136,21 @@ class Attention(nn.Module):
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per row (a decode step): q (B, H, 1, D), k/v (B, Hkv, Tk, D).
 
-    Two small matmuls per KV head over its group of query heads, in float32 (as SDPA's kernels
-    accumulate). On CPU this is several times faster than SDPA for a single query (~10x in
-    bf16 at batch 32), and decoding is all single queries.
+    Two small matmuls per KV head over its group of query heads. On CPU this is several times
+    faster than SDPA for a single query (~10x in bf16 at batch 32), and decoding is all single
+    queries. The matmuls run in the cache's dtype (they accumulate in float32 internally, and
+    converting the whole cache to float32 every step would cost more than the matmuls); the
+    softmax runs in float32, as in fused attention kernels.
     mask: bool, broadcastable to (B, 1, 1, Tk); None = every key is visible.
     """
     B, H, _, D = q.shape
     n_kv = k.shape[1]
-    q = q.reshape(B, n_kv, H // n_kv, D).float()  # (B, Hkv, G, D): query head h uses KV head h // G
-    scores = (q @ k.float().transpose(-1, -2)) * D**-0.5  # (B, Hkv, G, Tk)
+    q = q.reshape(B, n_kv, H // n_kv, D)  # (B, Hkv, G, D): query head h uses KV head h // G
+    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # (B, Hkv, G, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    y = scores.softmax(dim=-1) @ v.float()  # (B, Hkv, G, D)
-    return y.reshape(B, H, 1, D).to(v.dtype)
+    y = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, Hkv, G, D)
+    return y.reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):
