@@ -17,23 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minissb.cli import DTYPE_NAMES, HelpFormatter, run_main
+
 # Literal copies (kept in sync by tests/test_eval_cli.py) so that --help imports no torch.
 DATASET_NAMES = ("gsm8k", "math500", "aime24")
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 1024, "math500": 2048, "aime24": 4096}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # "(default: x)" only where x says something: not for None, False, [] or a help that gives it.
-    def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Evaluate a model and LoRA adapters with the student prompt (SSB stage 4).",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("models")
     g.add_argument("--model", default="Qwen/Qwen2.5-3B-Instruct", help="base model: HF-format directory or hub repo id")
@@ -43,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Each is merged into freshly loaded base weights. LABEL names its rows and files "
                         "(default: the folder name)")
     g.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base model")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype")
+    g.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="weights and compute dtype")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (for CUDA)")
 
@@ -81,11 +75,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from minissb.evaluate import eval_main  # after parsing, so --help is instant
 
-    try:
-        return eval_main(args)
-    except ValueError as e:  # minissb's errors (DataError, LoRAError, ModelLoadError, EvalError, ...) say what to fix
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_main(lambda: eval_main(args))
 
 
 if __name__ == "__main__":

@@ -18,17 +18,18 @@ import argparse
 import sys
 
 from minissb import gates
+from minissb.cli import DTYPE_NAMES, HelpFormatter, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="SSB stage 1 (rollouts -> hinted teacher solutions -> pairs) and stage 2 (offline teacher targets).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="Qwen/Qwen2.5-3B-Instruct", help="HF-format model directory or hub repo id; the default is the paper's model")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory; unset = the model's")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="weights and compute dtype (bf16 on CPU works too and halves memory)")
+    g.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="weights and compute dtype (bf16 on CPU works too and halves memory)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (for CUDA)")
     g.add_argument("--dataset", default="gsm8k", help="gsm8k, math500 or aime24")
@@ -68,20 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # Imported after parsing, so --help is instant.
-    from minissb.data import DataError
-    from minissb.generate import GenerationError
-    from minissb.loss import LossError
-    from minissb.model import ModelLoadError
-    from minissb.ssb import SSBError, sample_main
-    from minissb.targets import TargetsError
-    from minissb.tokenizer import TokenizerError
+    from minissb.ssb import sample_main  # after parsing, so --help is instant
 
-    try:
-        return sample_main(args)
-    except (DataError, ModelLoadError, TokenizerError, SSBError, TargetsError, GenerationError, LossError) as e:
-        print(f"error: {e}", file=sys.stderr)  # one line that says what to fix
-        return 1
+    return run_main(lambda: sample_main(args))
 
 
 if __name__ == "__main__":

@@ -12,25 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minissb.cli import HelpFormatter, run_main
 from minissb.distill import TrainConfig, train
 from minissb.lora import DEFAULT_TARGETS
 
 D = TrainConfig  # the defaults live on the dataclass, in one place
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # Show "(default: x)" only where there is a default worth showing.
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Distil teacher token distributions into a LoRA student (SSB stage 3).",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     io = p.add_argument_group("data and output")
     io.add_argument("--pairs", required=True, help="pairs JSONL written by sample.py")
@@ -48,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model and LoRA")
     m.add_argument("--device", default=D.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    m.add_argument("--dtype", choices=("bfloat16", "float32"), default=D.dtype,
+    m.add_argument("--dtype", choices=("bf16", "fp32"), default=D.dtype,
                    help="base weights' dtype (bf16 autocast on CUDA); LoRA weights and AdamW state are always float32")
     m.add_argument("--lora-r", type=int, default=D.lora_r, help="LoRA rank r")
     m.add_argument("--lora-alpha", type=float, default=D.lora_alpha, help="LoRA alpha (scaling alpha / r)")
@@ -105,15 +97,13 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    try:
-        summary = train(cfg)
-    except ValueError as e:  # TrainError, and the ValueError subclasses of the modules it calls
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    last = summary["last"]
-    if last and cfg.progress:
-        print(f"step {last['step']}: loss {last['loss']:.4g}, kl {last['kl']:.4g}, ce {last['ce']:.4g}")
-    return 0
+
+    def body():
+        last = train(cfg)["last"]
+        if last and cfg.progress:
+            print(f"step {last['step']}: loss {last['loss']:.4g}, kl {last['kl']:.4g}, ce {last['ce']:.4g}")
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

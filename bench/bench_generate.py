@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4, help="rollout: samples per question (K)")
     ap.add_argument("--max-new", type=int, default=320, help="rollout: new-token budget")
     ap.add_argument("--greedy-prompts", type=int, default=2)
-    ap.add_argument("--greedy-max-new", type=int, default=96)
+    ap.add_argument("--greedy-max-new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved minissb/transformers rounds per workload")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args(argv)

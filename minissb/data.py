@@ -265,6 +265,27 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write one JSON document (run configs, summaries): a tmp file, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_differences(stored: dict, current: dict, limit: int = 4) -> str | None:
+    """'key: old there, new now; ...' for the settings that differ between two run configs, or None."""
+    diffs = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    if not diffs:
+        return None
+    return "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in diffs[:limit])
+
+
 def repair_jsonl_tail(path: str | os.PathLike) -> bool:
     """Make `path` end at a line boundary before appending; True if a partial line was cut off.
 

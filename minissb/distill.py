@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, load_adapter, lora_parameters, save_adapter
 from minissb.loss import LossOutput, kd_loss
+from minissb.cli import torch_device, torch_dtype
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
 from minissb.targets import TargetReader, targets_dir_for
 from minissb.tokenizer import Tokenizer
@@ -72,7 +73,7 @@ class TrainConfig:
     teacher: str = "online"  # "online" | "offline"
     targets: str | None = None  # offline targets dir; None: <pairs stem>.targets next to the pairs
     device: str = "auto"
-    dtype: str = "bfloat16"
+    dtype: str = "bf16"
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -427,23 +428,11 @@ def file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.teacher not in ("online", "offline"):
         raise TrainError(f"--teacher must be online or offline, got {cfg.teacher!r}")
-    if cfg.dtype not in DTYPES:
-        raise TrainError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
+        raise TrainError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     for name in ("batch_size", "epochs", "max_seq_len", "loss_chunk_size", "lora_r"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -518,8 +507,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and not _checkpoint_dirs(out):
         raise TrainError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
 
-    device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
+    device = torch_device(cfg.device)
+    dtype = torch_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     online = cfg.teacher == "online"
     pairs_path = Path(cfg.pairs)

@@ -37,7 +37,8 @@ from typing import Callable, Hashable, Sequence
 
 from minissb import grader, prompts
 from minissb.data import DATASETS, Problem, append_jsonl, load_problems, read_jsonl
-from minissb.ssb import resolve_device, write_json_atomic
+from minissb.cli import torch_device, torch_dtype
+from minissb.data import config_differences, write_json_atomic
 
 
 class EvalError(ValueError):
@@ -261,9 +262,8 @@ def check_run_config(responses: Path, config_path: Path, config: dict) -> None:
         stored = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise EvalError(f"{config_path}: not valid JSON ({e})") from None
-    diffs = [k for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
-    if diffs:
-        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {config.get(k)!r} now" for k in diffs[:4])
+    shown = config_differences(stored, config)
+    if shown:
         raise EvalError(f"{responses} was written with other arguments ({shown}): rerun with the same "
                         "arguments to continue it, or pass another --out")
 
@@ -411,12 +411,6 @@ def add_deltas(results: list[dict]) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def parse_data_files(specs: Sequence[str]) -> dict[str, str]:
     out = {}
     for spec in specs:
@@ -477,7 +471,7 @@ def eval_main(args) -> int:
     check_adapters_fit(model_dir, targets)
     tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
     out_dir = Path(args.out)
-    dtype, device = _dtype(args.dtype), resolve_device(args.device)
+    dtype, device = torch_dtype(args.dtype), torch_device(args.device)
     plans = []
     for t in targets:
         for name in datasets:
@@ -505,7 +499,7 @@ def eval_main(args) -> int:
             # to generation.
             if model is None or not pristine:
                 model = generate_fn = None  # drop every reference to the old weights before loading new ones
-                if device.startswith("cuda"):
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
                 model = from_pretrained(model_dir, dtype=dtype, device=device)
                 pristine = True
@@ -545,7 +539,7 @@ def eval_main(args) -> int:
     print(table_legend(args.samples))
     write_json_atomic(out_dir / "results.json", {
         "model": args.model,
-        "device": device,
+        "device": str(device),
         "dtype": args.dtype,
         "interval": "95% Wilson score interval over problems",
         "results": results,

@@ -27,13 +27,14 @@ GATES = ("truncated", "leak", "copy")
 
 # ----------------------------------------------------------------------------- leak
 
-# The labels of the hinted prompt, without their markdown "###": a solution that writes
-# "Attempt that reaches a wrong answer" or a "### Your task" heading is echoing the prompt.
-_LABELS = [label.lstrip("#").strip() for label in (
+# The labels of the hinted prompt, without markdown "#" or the colon. Long ones are distinctive
+# anywhere ("Attempt that reaches a wrong answer"); short ones ("Problem", "Right final answer")
+# count only as a label starting a line ("Problem:") or as a heading ("### Problem").
+_LABELS = [label.strip("#: ") for label in (
     prompts.LABEL_PROBLEM, prompts.LABEL_CORRECT, prompts.LABEL_WRONG, prompts.LABEL_GOLD, prompts.LABEL_TASK
 )]
-_DISTINCT_LABELS = [label for label in _LABELS if len(label.split()) >= 3]  # safe to match anywhere
-_SHORT_LABELS = [label for label in _LABELS if len(label.split()) < 3]  # ("Problem", "Your task"): headings only
+_LONG_LABELS = [label for label in _LABELS if len(label.split()) >= 4]
+_SHORT_LABELS = [label for label in _LABELS if len(label.split()) < 4]
 
 # Each pattern names one way a solution can refer to the hidden context. They are matched
 # case-insensitively. Math solutions say "we are given", "the correct answer", "a common
@@ -41,8 +42,8 @@ _SHORT_LABELS = [label for label in _LABELS if len(label.split()) < 3]  # ("Prob
 # problem about students, hints or survey responses) is ignored for that problem.
 LEAK_PATTERNS: dict[str, str] = {
     "section label": "|".join(
-        [re.escape(label) for label in _DISTINCT_LABELS]
-        + [rf"^\s*#+\s*{re.escape(label)}\s*:?\s*$" for label in _SHORT_LABELS]
+        [re.escape(label.split(",")[0]) for label in _LONG_LABELS]  # the first clause is enough
+        + [rf"^[ \t]*(?:#+[ \t]*)?{re.escape(label)}[ \t]*:|^[ \t]*#+[ \t]*{re.escape(label)}[ \t]*$" for label in _SHORT_LABELS]
     ),
     # "attempt" the noun; "we attempt to" is a verb and harmless.
     "attempt": r"\battempts?\b(?!\s+to\b)",

@@ -168,7 +168,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     tokenizer=None,
-    compact_fraction: float | None = 0.25,
+    compact_fraction: float | None = 0.1,
     return_logprobs: bool = False,
     compile: bool = False,
     progress: bool = False,

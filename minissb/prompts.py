@@ -15,6 +15,12 @@ SYSTEM_PROMPT = (
 # The hinted prompt shows the teacher one attempt that reached the right answer and one that
 # reached the most common wrong answer. It must produce a solution that reads as if written
 # from scratch: the student is trained on it while seeing only the question.
+#
+# Layout, chosen on Qwen2.5-Coder-1.5B-Instruct (README, "Quality gates"): instructions first,
+# plain "Label:" lines, and the chat ends on the problem itself, so that the natural
+# continuation is a solution. With markdown "### Problem" / "### Attempt ..." headings and the
+# instructions last, 8 of 8 teacher outputs continued the template (a new "### Problem" with
+# invented attempts) instead of solving; with this layout 7 of 8 reached the right answer.
 TEACHER_INSTRUCTIONS = (
     "Below is a math problem and two earlier attempts at it. One attempt reaches the right final "
     "answer; the other makes a mistake and reaches a wrong one.\n\n"
@@ -27,11 +33,11 @@ TEACHER_INSTRUCTIONS = (
 
 # Section labels of the hinted prompt. The quality gates also look for them in teacher
 # solutions: a solution that repeats them is leaking the hint.
-LABEL_PROBLEM = "### Problem"
-LABEL_CORRECT = "### Attempt that reaches the right answer"
-LABEL_WRONG = "### Attempt that reaches a wrong answer"
-LABEL_GOLD = "### Right final answer"
-LABEL_TASK = "### Your task"
+LABEL_PROBLEM = "Problem:"
+LABEL_CORRECT = "Attempt that reaches the right answer:"
+LABEL_WRONG = "Attempt that reaches a wrong answer:"
+LABEL_GOLD = "Right final answer:"
+LABEL_TASK = "Now write your own solution to this problem, without mentioning the attempts:"
 
 
 def student_chat(question: str) -> list[dict]:
@@ -52,11 +58,12 @@ def teacher_chat(
     The paper shows the correct response first; `wrong_first` swaps the two. `gold`, when given,
     also states the right final answer.
     """
+    question = question.strip()
     correct = f"{LABEL_CORRECT}\n{correct_response.strip()}"
     wrong = f"{LABEL_WRONG}\n{wrong_response.strip()}"
     attempts = [wrong, correct] if wrong_first else [correct, wrong]
-    parts = [f"{LABEL_PROBLEM}\n{question.strip()}", *attempts]
+    parts = [TEACHER_INSTRUCTIONS, f"{LABEL_PROBLEM}\n{question}", *attempts]
     if gold is not None:
-        parts.append(f"{LABEL_GOLD}\n{gold}")
-    parts.append(f"{LABEL_TASK}\n{TEACHER_INSTRUCTIONS}")
+        parts.append(f"{LABEL_GOLD} {gold}")
+    parts.append(f"{LABEL_TASK}\n{question}")
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from minissb import gates, grader, prompts
-from minissb.data import Problem, append_jsonl, read_jsonl
+from minissb.data import Problem, append_jsonl, config_differences, read_jsonl, write_json_atomic
 
 
 class SSBError(ValueError):
@@ -249,17 +248,6 @@ class RunFiles:
         return self.stem.with_name(self.stem.name + ".targets")
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def check_run_config(files: RunFiles, config: dict) -> bool:
     """Refuse to continue a run made with other arguments. True if the run is new."""
     path = files.run_config
@@ -275,9 +263,8 @@ def check_run_config(files: RunFiles, config: dict) -> bool:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SSBError(f"{path}: not valid JSON ({e}); it records the arguments of the run in {files.pairs.name}") from None
-    diffs = [k for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
-    if diffs:
-        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {config.get(k)!r} now" for k in diffs[:4])
+    shown = config_differences(stored, config)
+    if shown:
         raise SSBError(
             f"{files.pairs} belongs to a run with other arguments ({shown}): rerun with the same arguments "
             f"to continue it, or pass a new --out"
@@ -531,20 +518,6 @@ def run_config(opts: Stage1Options, model: str, dtype: str, dataset: str, split:
 # ----------------------------------------------------------------------------- sample.py
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise SSBError(f"--device {name!r} is not a torch device (try cpu, cuda or cuda:0)") from None
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SSBError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
-
-
 def _identity(path_or_id: str | None) -> str | None:
     """A local path as an absolute path (restarts from another directory still match); a hub id as is."""
     if path_or_id is None:
@@ -554,13 +527,11 @@ def _identity(path_or_id: str | None) -> str | None:
 
 
 def load_model_and_tokenizer(model_dir: Path, tokenizer_dir: str | None, dtype_name: str, device_name: str):
-    import torch
-
+    from minissb.cli import torch_device, torch_dtype
     from minissb.model import from_pretrained
     from minissb.tokenizer import Tokenizer
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
-    device = resolve_device(device_name)
+    dtype, device = torch_dtype(dtype_name), torch_device(device_name)
     tokenizer = Tokenizer.from_dir(tokenizer_dir or model_dir)
     model = from_pretrained(model_dir, dtype=dtype, device=device)
     return model, tokenizer
@@ -650,6 +621,5 @@ __all__ = [
     "run_config",
     "model_generate_fn",
     "format_summary",
-    "write_json_atomic",
     "sample_main",
 ]

@@ -1,6 +1,5 @@
 """minissb.data: the three hub layouts, local files, every error, and crash-safe JSONL."""
 
-import json
 import warnings
 
 import pyarrow as pa

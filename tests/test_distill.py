@@ -98,7 +98,7 @@ def pairs_file(tmp_path, tok):
 
 
 def config(pairs, out, model, **kw) -> TrainConfig:
-    base = dict(pairs=str(pairs), out=str(out), model=str(model), device="cpu", dtype="float32", lora_r=8,
+    base = dict(pairs=str(pairs), out=str(out), model=str(model), device="cpu", dtype="fp32", lora_r=8,
                 lora_alpha=16, batch_size=2, epochs=1, warmup_ratio=0.0, save_every=0, progress=False)
     return TrainConfig(**{**base, **kw})
 
@@ -391,7 +391,7 @@ def test_non_finite_loss_aborts_naming_the_step_and_pairs(tmp_path, pairs_file, 
 
 def test_bf16_base_model_with_float32_adapter(tmp_path, pairs_file, sharp_model_dir):
     losses = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("fp32", "bf16"):
         out = tmp_path / dtype
         train(config(pairs_file, out, sharp_model_dir, dtype=dtype, max_steps=2, lr=1e-2))
         losses.append([m["loss"] for m in metrics(out)])

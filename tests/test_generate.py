@@ -140,7 +140,7 @@ def test_stop_tokens_end_each_row_on_its_own(model):
 
 
 def test_top_k_and_top_p_masks_match_transformers_warpers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3

@@ -88,7 +88,7 @@ def test_sample_train_eval(tmp_path):
         assert p["rollouts"]["n_correct"] >= 1 and p["rollouts"]["n_wrong"] >= 1
 
     # Stage 3: LoRA distillation with the online teacher.
-    run("train.py", *common, "--dtype", "float32", "--pairs", "runs/pairs.jsonl", "--out", "runs/train",
+    run("train.py", *common, "--dtype", "fp32", "--pairs", "runs/pairs.jsonl", "--out", "runs/train",
         "--batch-size", "2", "--epochs", "1", "--lora-r", "4", "--lora-alpha", "8", cwd=tmp_path)
     adapter = tmp_path / "runs/train/adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()

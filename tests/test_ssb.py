@@ -206,7 +206,7 @@ def test_hint_options_change_the_teacher_prompt_only(tok, tmp_path):
     files, _, gen = run(tok, tmp_path / "b", Stage1Options(batch_size=3, hint_order="wrong-first", hint_gold=True))
     user = read_jsonl(files.pairs)[0]["teacher_chat"][-1]["content"]
     assert user.index(prompts.LABEL_WRONG) < user.index(prompts.LABEL_CORRECT)
-    assert f"{prompts.LABEL_GOLD}\n2" in user
+    assert f"{prompts.LABEL_GOLD} 2" in user
     rollouts = lambda g: [c for c in g.calls if not any(c["teacher"])]  # noqa: E731
     assert rollouts(gen) == rollouts(base)  # same rollout prompts, same seeds
 

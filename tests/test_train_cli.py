@@ -54,7 +54,7 @@ def test_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     pairs = write_pairs(tmp_path / "pairs.jsonl", tok, [f"{i} + 3 = {i + 3}. The answer is \\boxed{{{i + 3}}}." for i in range(5)])
     out = tmp_path / "run"
     plot = importlib.util.find_spec("matplotlib") is not None
-    proc = run_train("--pairs", pairs, "--model", tiny_model_dir, "--out", out, "--device", "cpu", "--dtype", "float32",
+    proc = run_train("--pairs", pairs, "--model", tiny_model_dir, "--out", out, "--device", "cpu", "--dtype", "fp32",
                      "--epochs", "2", "--batch-size", "2", "--micro-batch-size", "1", "--lora-r", "4",
                      "--save-every", "2", "--grad-checkpointing", *(["--plot"] if plot else []))
     assert proc.returncode == 0, proc.stderr
@@ -116,7 +116,7 @@ def main_error(train_module, capsys, *args):
 
 def test_bad_input_gives_one_error_line(tmp_path, tiny_model_dir, train_module, capsys):
     tok = Tokenizer.from_dir(tiny_model_dir)
-    common = ("--model", tiny_model_dir, "--device", "cpu", "--dtype", "float32")
+    common = ("--model", tiny_model_dir, "--device", "cpu", "--dtype", "fp32")
     good = write_pairs(tmp_path / "good.jsonl", tok, ["4 = 4. \\boxed{4}"] * 3)
 
     # One real process: the exit status and stderr a shell sees.
