@@ -85,8 +85,11 @@ def find_leaks(solution: str, question: str = "") -> list[str]:
 # counting 12-grams of the question) that also occur in one reference text. Measured on
 # Qwen2.5-Coder-1.5B-Instruct (bf16, GSM8K train): two independent rollouts of one problem
 # (T=0.8) share at most 0.37 of their 12-grams (p99 0.36, 192 pairs); a teacher solution
-# that echoed the prompt shared 0.71 with the correct attempt. With 8-grams independent
-# rollouts already reach 0.52: one model reuses its own phrases, so short n-grams mislead.
+# that echoed the prompt shared 0.71 with the correct attempt, and straight copies 0.65-1.0.
+# With 8-grams independent rollouts already reach 0.52: one model reuses its own phrases, so
+# short n-grams mislead. The whole prompt holds both attempts: against the union of two other
+# rollouts an independent one shares up to 0.50 (p99 0.39), so a solution pieced together
+# from both attempts is caught there, at the price of rare false rejections near the edge.
 COPY_NGRAM = 12
 COPY_THRESHOLD = 0.5
 

@@ -2,10 +2,10 @@
 
 One call runs a batch of prompts of different lengths:
 
-1. Prefill. Prompts are left-padded to a common length L and run in one forward pass that
-   writes their keys/values into a KVCache allocated once for L + max_new_tokens slots.
-   With num_samples=K the prompt rows are then repeated K times in the cache (and so are
-   their last logits): K rollouts of a prompt share one prefill.
+1. Prefill. Each distinct prompt is run once, on its own, right-aligned in its row of a
+   KVCache allocated once for L + max_new_tokens slots (L = longest prompt), so padding costs
+   no compute. With num_samples=K the prompt rows are then repeated K times in the cache
+   (and so are their last logits): K rollouts of a prompt share one prefill.
 2. Decode. One token per row per step, written into the next cache slot; attention reads
    only the slots filled so far. Each row stops on its own at a stop token or after
    max_new_tokens. Finished rows are dropped from the batch (and the cache) once enough of
@@ -47,7 +47,9 @@ class Completion:
     text: str | None  # tokenizer.decode(token_ids) when a tokenizer is given
     finish_reason: str  # "stop" (a stop token was sampled) or "length" (max_new_tokens reached)
     stop_id: int | None = None  # the stop token sampled, when finish_reason == "stop"
-    logprobs: list[float] | None = None  # with return_logprobs: log p(token) under the raw model logits
+    # With return_logprobs: log p(token) under the raw model logits (temperature 1, unfiltered)
+    # for each token of token_ids, then for the stop token when finish_reason == "stop".
+    logprobs: list[float] | None = None
 
 
 # ----------------------------------------------------------------------------- sampling math
@@ -183,8 +185,11 @@ def generate(
     compact_fraction: drop finished rows from the batch (KV cache included) once at least
     this fraction of the running rows has finished; 0 = as soon as any finishes, None = never.
     Outputs are identical either way; it only saves compute.
-    compile: run the decode step through torch.compile (meant for CUDA; dynamic shapes, so
-    the growing cache and batch compaction do not recompile every step).
+    compile: run the decode step through torch.compile (meant for CUDA; off by default and
+    not worth it on CPU). It compiles with dynamic shapes, so neither the growing cache nor
+    batch compaction recompiles; CUDA graphs ("reduce-overhead") are not used, as they need
+    static shapes. The first call pays the compile time.
+    progress: show a tqdm bar over decode steps.
     Returns Completions ordered prompt-major: row i * num_samples + j is sample j of prompt i.
     """
     prompts = [list(p) for p in prompts]

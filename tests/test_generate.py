@@ -23,6 +23,16 @@ CFG = dict(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices gain nothing from threads, and on a busy machine every small op of a
+    # 2-thread pool can wait a scheduler slice at its barrier: thousands of ops per test.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return init_weights(Qwen2ForCausalLM(Qwen2Config(**CFG)), std=0.3, seed=0).eval()
