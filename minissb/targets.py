@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from minissb.data import read_jsonl
+from minissb.data import read_jsonl, write_json_atomic
 from minissb.loss import topk_targets
 
 FULL_FLOAT32_BYTES = 4  # what the original code stores per vocabulary entry (.npz, float32)
@@ -156,12 +156,6 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def _write_meta(out_dir: Path, meta: dict) -> None:
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "meta.json")
-
-
 def write_targets(
     model,
     tokenizer,
@@ -220,7 +214,7 @@ def write_targets(
     for tmp in out.glob("*.tmp"):
         tmp.unlink()  # a shard cut off by a kill
     done = set(TargetReader(out).ids()) if (out / "meta.json").is_file() else set()
-    _write_meta(out, {**meta, "count": None})  # count None = in progress
+    write_json_atomic(out / "meta.json", {**meta, "count": None})  # count None = in progress
 
     todo = [p for p in pairs if p["id"] not in done]
     next_shard = max((int(s.name[8:13]) for s in _shards(out)), default=-1) + 1  # never overwrite a shard
@@ -253,7 +247,7 @@ def write_targets(
     model.train(model_was_training)
 
     count = len(TargetReader(out))
-    _write_meta(out, {**meta, "count": count})
+    write_json_atomic(out / "meta.json", {**meta, "count": count})
     all_tokens = sum(len(p["solution_ids"]) + 1 for p in pairs)
     disk = sum(s.stat().st_size for s in _shards(out))
     return {
