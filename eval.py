@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minissb.cli import DTYPE_NAMES, HelpFormatter, run_main
+from minissb.cli import DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, float_range, int_range, run_main
+from minissb.recipes import add_recipe_argument, parse_with_recipe
 
 # Literal copies (kept in sync by tests/test_eval_cli.py) so that --help imports no torch.
 DATASET_NAMES = ("gsm8k", "math500", "aime24")
@@ -25,7 +26,7 @@ DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 1024, "math500": 2048, "aime24": 4096}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # one-line errors; the option types below check ranges while parsing
         description="Evaluate a model and LoRA adapters with the student prompt (SSB stage 4).",
         formatter_class=HelpFormatter,
     )
@@ -37,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Each is merged into freshly loaded base weights. LABEL names its rows and files "
                         "(default: the folder name)")
     g.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base model")
-    g.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="weights and compute dtype")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help=DTYPE_HELP)
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (for CUDA)")
+    g.add_argument("--cuda-graphs", action="store_true", help="capture the decode step in CUDA graphs (not yet measured on a GPU)")
 
     g = p.add_argument_group("data")
     g.add_argument("--datasets", default=",".join(DATASET_NAMES),
@@ -48,22 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of local hub mirrors named owner__name (e.g. ../shared/data); default: download from the hub")
     g.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
                    help="one dataset from a .jsonl/.parquet file or a hub-mirror folder; overrides --data-dir; repeatable")
-    g.add_argument("--limit", type=int, default=None, help="only the first N problems of each dataset")
+    g.add_argument("--limit", type=int_range(1), default=None, help="only the first N problems of each dataset")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--samples", type=int, default=1,
+    g.add_argument("--samples", type=int_range(1), default=1,
                    help="samples per problem, k (needs --temperature > 0): reports avg@k, the mean share of right samples, and "
                         "maj@k, the majority answer (equivalent answers vote together, no answer = no vote, a tie goes to "
                         "the answer seen first); 1 = greedy pass@1")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    g.add_argument("--top-k", type=int, default=None, help="top-k filter when sampling (0 or unset = off)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus filter when sampling (unset = off)")
+    g.add_argument("--temperature", type=float_range(0), default=0.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int_range(0), default=None, help="top-k filter when sampling (0 or unset = off)")
+    g.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=None,
+                   help="nucleus filter when sampling, in (0, 1] (unset or 1 = off)")
     caps = ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NEW_TOKENS.items())
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--max-new-tokens", type=int_range(1), default=None,
                    help=f"new-token cap per response for every dataset (default per dataset: {caps}; a cut-off response usually has no answer)")
-    g.add_argument("--batch-size", type=int, default=64,
-                   help="sequences per generation call (problems per call = batch size // samples, at least 1)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--batch-size", type=int_range(1), default=64,
+                   help="engine slots: sequences decoded together (a problem's samples take one each; at least --samples)")
+    g.add_argument("--seed", type=int_range(0), default=0, help="sampling seed (greedy decoding ignores it)")
+    g.add_argument("--system-prompt-file", default=None,
+                   help="the system prompt every model sees, from a text file: the one the student was trained with (default: minissb's)")
+    add_recipe_argument(g)
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/eval", help="output directory for responses, run configs and results.json")
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_recipe(build_parser(), argv, "eval")
     from minissb.evaluate import eval_main  # after parsing, so --help is instant
 
     return run_main(lambda: eval_main(args))

@@ -2,9 +2,11 @@
 
     python train.py --pairs runs/pairs.jsonl --out runs/train
 
-The defaults reproduce the paper: Qwen/Qwen2.5-3B-Instruct in bf16, LoRA r=32 alpha=32 on
-q/k/v/o/gate/up/down, T^2 * KL(teacher || student) at T=2, AdamW lr 2e-4, batch 4, 3 epochs,
-teacher = the same weights with the adapter off, on the hinted prompt.
+The defaults reproduce the paper: Qwen/Qwen2.5-3B-Instruct, LoRA r=32 alpha=32 on
+q/k/v/o/gate/up/down, T^2 * KL(teacher || student) at T=2, AdamW lr 2e-4 decaying linearly with
+no warmup, batch 4, 3 epochs; the teacher's targets are the hidden states sample.py captured
+(--teacher online: the same weights with the adapter off, on the hinted prompt, every step).
+--recipe original trains the student on the original code's flat-text input.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minissb.cli import HelpFormatter, run_main
-from minissb.distill import TrainConfig, train
+from minissb.cli import ArgumentParser, HelpFormatter, run_main
+from minissb.distill import OPTION_TYPES as T, TrainConfig, train
 from minissb.lora import DEFAULT_TARGETS
+from minissb.recipes import add_recipe_argument, parse_with_recipe
 
-D = TrainConfig  # the defaults live on the dataclass, in one place
+D = TrainConfig  # the defaults live on the dataclass, in one place; the allowed ranges in T, checked while parsing
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Distil teacher token distributions into a LoRA student (SSB stage 3).",
         formatter_class=HelpFormatter,
     )
@@ -29,64 +32,75 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", default=D.out, help="run directory: adapter/, metrics.jsonl, run.json, checkpoints/")
     io.add_argument("--model", default=D.model, help="base model: hub repo id or local HF-format directory")
     io.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    io.add_argument("--teacher", choices=("online", "offline"), default=D.teacher,
-                    help="online: the base model (adapter off) on the hinted prompt, each step; "
-                         "offline: targets stored by sample.py")
-    io.add_argument("--targets", default=None, help="offline targets directory (default: <pairs stem>.targets next to the pairs)")
-    io.add_argument("--max-seq-len", type=int, default=D.max_seq_len,
+    io.add_argument("--teacher", choices=("captured", "online"), default=D.teacher,
+                    help="captured: the teacher's hidden states sample.py stored as it wrote each solution (no teacher "
+                         "forward in training); online: the base model (adapter off) on the hinted prompt, each step "
+                         "(needed for pairs that come without captured targets)")
+    io.add_argument("--targets", default=None, help="captured targets directory (default: <pairs stem>.targets next to the pairs)")
+    io.add_argument("--max-seq-len", type=T["max_seq_len"], default=D.max_seq_len,
                     help="longest prompt + solution in tokens; a longer pair is an error unless --truncate")
     io.add_argument("--truncate", action="store_true",
                     help="cut pairs longer than --max-seq-len (the end of their solution is not trained; counted in the log)")
 
     m = p.add_argument_group("model and LoRA")
     m.add_argument("--device", default=D.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    m.add_argument("--dtype", choices=("bf16", "fp32"), default=D.dtype,
-                   help="base weights' dtype (bf16 autocast on CUDA); LoRA weights and AdamW state are always float32")
-    m.add_argument("--lora-r", type=int, default=D.lora_r, help="LoRA rank r")
-    m.add_argument("--lora-alpha", type=float, default=D.lora_alpha, help="LoRA alpha (scaling alpha / r)")
-    m.add_argument("--lora-dropout", type=float, default=D.lora_dropout, help="dropout on the LoRA branch input")
+    m.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=D.dtype,
+                   help="base weights' dtype (bf16 autocast on CUDA); auto = bf16 on CUDA and on CPUs with native bf16 "
+                        "(avx512_bf16/AMX), else fp32; LoRA weights and AdamW state are always float32")
+    m.add_argument("--lora-r", type=T["lora_r"], default=D.lora_r, help="LoRA rank r")
+    m.add_argument("--lora-alpha", type=T["lora_alpha"], default=D.lora_alpha, help="LoRA alpha (scaling alpha / r)")
+    m.add_argument("--lora-dropout", type=T["lora_dropout"], default=D.lora_dropout, help="dropout on the LoRA branch input")
     m.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated linear layers to adapt")
     m.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass: less activation memory, "
                         "one more student forward per step")
 
     o = p.add_argument_group("loss and optimisation")
-    o.add_argument("--temperature", type=float, default=D.temperature, help="KD temperature T (the loss is x T^2)")
-    o.add_argument("--kd-weight", type=float, default=D.kd_weight, help="weight of T^2 * KL(teacher || student)")
-    o.add_argument("--ce-weight", type=float, default=D.ce_weight, help="weight of cross-entropy on the solution tokens")
-    o.add_argument("--lr", type=float, default=D.lr, help="peak AdamW learning rate")
-    o.add_argument("--warmup-ratio", type=float, default=D.warmup_ratio, help="linear warmup, as a fraction of all steps")
-    o.add_argument("--min-lr-ratio", type=float, default=D.min_lr_ratio, help="the cosine decays to lr x this")
-    o.add_argument("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay")
-    o.add_argument("--max-grad-norm", type=float, default=D.max_grad_norm, help="clip the gradient norm (<= 0: no clipping)")
-    o.add_argument("--batch-size", type=int, default=D.batch_size, help="pairs per optimizer step (the effective batch)")
-    o.add_argument("--micro-batch-size", type=int, default=None,
+    o.add_argument("--temperature", type=T["temperature"], default=D.temperature, help="KD temperature T (the loss is x T^2)")
+    o.add_argument("--kd-weight", type=T["kd_weight"], default=D.kd_weight, help="weight of T^2 * KL(teacher || student)")
+    o.add_argument("--ce-weight", type=T["ce_weight"], default=D.ce_weight, help="weight of cross-entropy on the solution tokens")
+    o.add_argument("--lr", type=T["lr"], default=D.lr, help="peak AdamW learning rate")
+    o.add_argument("--lr-schedule", choices=("linear", "cosine"), default=D.lr_schedule,
+                   help="decay after the warmup (linear with no warmup = the Hugging Face Trainer default the original uses)")
+    o.add_argument("--warmup-ratio", type=T["warmup_ratio"], default=D.warmup_ratio, help="linear warmup, as a fraction of all steps")
+    o.add_argument("--min-lr-ratio", type=T["min_lr_ratio"], default=D.min_lr_ratio, help="the schedule decays to lr x this")
+    o.add_argument("--student-input", choices=("chat", "flat"), default=D.student_input,
+                   help="chat: the pair's student chat with the chat template, as at evaluation; flat: the original's "
+                        "system prompt + ' ' + question as plain text, solution without end of turn")
+    o.add_argument("--weight-decay", type=T["weight_decay"], default=D.weight_decay, help="AdamW weight decay")
+    o.add_argument("--max-grad-norm", type=T["max_grad_norm"], default=D.max_grad_norm, help="clip the gradient norm (<= 0: no clipping)")
+    o.add_argument("--batch-size", type=T["batch_size"], default=D.batch_size, help="pairs per optimizer step (the effective batch)")
+    o.add_argument("--micro-batch-size", type=T["micro_batch_size"], default=None,
                    help="pairs per forward/backward; gradients are accumulated up to --batch-size (default: = batch size)")
-    o.add_argument("--epochs", type=int, default=D.epochs, help="passes over the pairs")
-    o.add_argument("--max-steps", type=int, default=None, help="train at most this many steps (the schedule spans them)")
-    o.add_argument("--loss-chunk-size", type=int, default=D.loss_chunk_size,
+    o.add_argument("--epochs", type=T["epochs"], default=D.epochs, help="passes over the pairs")
+    o.add_argument("--max-steps", type=T["max_steps"], default=None, help="train at most this many steps (the schedule spans them)")
+    o.add_argument("--loss-chunk-size", type=T["loss_chunk_size"], default=D.loss_chunk_size,
                    help="positions per LM-head chunk in the loss (memory: chunk x vocab float32 logits)")
-    o.add_argument("--seed", type=int, default=D.seed, help="seeds the LoRA init, the data order and dropout")
+    o.add_argument("--seed", type=T["seed"], default=D.seed, help="seeds the LoRA init, the data order and dropout")
 
     c = p.add_argument_group("checkpoints and logging")
-    c.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (0: never)")
-    c.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="how many recent checkpoints to keep (0: all)")
-    c.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    c.add_argument("--stop-after-steps", type=int, default=None,
+    c.add_argument("--save-every", type=T["save_every"], default=D.save_every,
+                   help="checkpoint every N steps (0: never; a rerun then starts over)")
+    c.add_argument("--keep-checkpoints", type=T["keep_checkpoints"], default=D.keep_checkpoints, help="how many recent checkpoints to keep (0: all)")
+    c.add_argument("--resume", action="store_true",
+                   help="insist on continuing the run in --out (an error when it holds none); without it, rerunning "
+                        "the same command also continues from the newest checkpoint, or starts over when there is none")
+    c.add_argument("--stop-after-steps", type=T["stop_after_steps"], default=None,
                    help="stop after this many steps with a checkpoint, as if interrupted (the schedule is unchanged)")
     c.add_argument("--plot", action="store_true", help="draw metrics.jsonl into <out>/metrics.png at the end (needs matplotlib)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    add_recipe_argument(p)
     return p
 
 
 def parse_args(argv=None) -> TrainConfig:
-    a = build_parser().parse_args(argv)
+    a = parse_with_recipe(build_parser(), argv, "train")
     return TrainConfig(
         pairs=a.pairs, out=a.out, model=a.model, tokenizer=a.tokenizer, teacher=a.teacher, targets=a.targets,
         device=a.device, dtype=a.dtype, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
         temperature=a.temperature, kd_weight=a.kd_weight, ce_weight=a.ce_weight, lr=a.lr,
-        min_lr_ratio=a.min_lr_ratio, warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay,
+        min_lr_ratio=a.min_lr_ratio, warmup_ratio=a.warmup_ratio, lr_schedule=a.lr_schedule, student_input=a.student_input, weight_decay=a.weight_decay,
         max_grad_norm=a.max_grad_norm, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
         epochs=a.epochs, max_steps=a.max_steps, stop_after_steps=a.stop_after_steps, max_seq_len=a.max_seq_len,
         truncate=a.truncate, grad_checkpointing=a.grad_checkpointing, loss_chunk_size=a.loss_chunk_size,

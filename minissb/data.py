@@ -8,15 +8,26 @@ writes them ("1,450,000", "025", "10,\\!080"); comparing them is the grader's jo
 JSONL files written by long runs (rollouts, teacher solutions, evaluations) are appended one
 record per line with a flush + fsync each time, so a killed run loses at most the line it was
 writing. `read_jsonl` drops such a trailing partial line (with a warning) and `append_jsonl`
-cuts it off before appending, so a resumed run never glues two records together.
+cuts it off before appending, so a resumed run never glues two records together. That repair
+is for minissb's own outputs only: a user's input file (a dataset) with a bad line, last line
+included, is an error naming file:line.
+
+Whole files (run configs, adapters, checkpoints) go through `atomic_write`: a temporary file
+next to the target, fsynced, renamed over it, with the usual permissions (0666 & ~umask, not
+mkstemp's 0600). `remove_temp_files` clears the temporaries a killed or disk-full run left.
+`file_sha256` is the content hash run configs record, so a data file edited in place is noticed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -109,21 +120,31 @@ def load_problems(
     spec = _spec(dataset)
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
-
-    if source is not None and Path(source).expanduser().is_file():
-        path = Path(source).expanduser()
-        id_split = split if split is not None else path.stem  # only names the ids ("gsm8k/<split>/<row>")
-    else:
-        split = spec.default_split if split is None else split
-        if split not in spec.files:
-            raise DataError(f"{dataset} has no split {split!r}: choose one of {', '.join(spec.files)}")
-        path = _resolve_split_file(dataset, spec, split, source)
-        id_split = split
+    path = data_file(dataset, split, source)
+    if split is None:  # only names the ids ("gsm8k/<split>/<row>"): a single file's stem, else the default split
+        split = path.stem if _as_file(source) else spec.default_split
 
     rows = _read_rows(path)
     if limit is not None:
         rows = rows[:limit]
-    return [_to_problem(dataset, spec, row, i, id_split, path) for i, row in enumerate(rows)]
+    return [_to_problem(dataset, spec, row, i, split, path) for i, row in enumerate(rows)]
+
+
+def _as_file(source) -> Path | None:
+    return Path(source).expanduser() if source is not None and Path(source).expanduser().is_file() else None
+
+
+def data_file(dataset: str, split: str | None = None, source: str | os.PathLike | None = None) -> Path:
+    """The file load_problems reads for these arguments (downloaded first when source is None):
+    what a run config hashes to notice a data file changed under the same name."""
+    spec = _spec(dataset)
+    path = _as_file(source)
+    if path is not None:
+        return path
+    split = spec.default_split if split is None else split
+    if split not in spec.files:
+        raise DataError(f"{dataset} has no split {split!r}: choose one of {', '.join(spec.files)}")
+    return _resolve_split_file(dataset, spec, split, source)
 
 
 def _resolve_split_file(dataset: str, spec: DatasetSpec, split: str, source) -> Path:
@@ -160,7 +181,7 @@ def _download(repo: str, rel: str) -> Path:
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, own_output=False)  # a user's file: no torn-line repair
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -186,6 +207,9 @@ def _to_problem(dataset: str, spec: DatasetSpec, row: dict, i: int, split: str, 
     answer, a_col = _pick(row, (spec.answer, "answer", "gold"), "answer", path, i)
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{path}: row {i} has an empty or non-text {q_col!r}")
+    # A number is a fine answer ("42" written as 42); a dict or list would be graded as its repr.
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{path}: row {i}: {a_col!r} is a {type(answer).__name__}, expected the answer as text or a number")
     answer = str(answer)
     # Everything else goes to meta; rows written from Problem records keep their own meta.
     meta = dict(row["meta"]) if isinstance(row.get("meta"), dict) else {}
@@ -223,11 +247,13 @@ def _record_json(record) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, *, own_output: bool = True) -> list[dict]:
     """The JSON objects of a .jsonl file, one per non-empty line.
 
-    A last line with no newline that does not parse is a record cut off by a killed run: it is
-    dropped with a PartialLineWarning. Any other bad line is a DataError naming file:line.
+    own_output=True (a file minissb appends to): a last line with no newline that does not
+    parse is a record cut off by a killed run: it is dropped with a PartialLineWarning.
+    own_output=False (an input file): every bad line is an error. Any other bad line is a
+    DataError naming file:line.
     """
     path = Path(path)
     if not path.is_file():
@@ -241,9 +267,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         is_tail = n == len(lines)  # text after the last newline
         try:
             rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if is_tail:
-                warnings.warn(f"{path}:{n}: ignoring a partial last line ({len(raw)} bytes, no newline): an interrupted write", PartialLineWarning, stacklevel=2)
+        except UnicodeDecodeError as e:
+            if is_tail and own_output:
+                _warn_partial(path, n, raw)
+                break
+            raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line): re-save the file as UTF-8") from None
+        except json.JSONDecodeError as e:
+            if is_tail and own_output:
+                _warn_partial(path, n, raw)
                 break
             raise DataError(f"{path}:{n}: malformed JSON ({e})") from None
         if not isinstance(rec, dict):
@@ -252,30 +283,101 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable) -> None:
-    """Write all records (dicts or dataclasses) to `path` at once: a tmp file, then os.replace."""
+def _warn_partial(path: Path, n: int, raw: bytes) -> None:
+    warnings.warn(f"{path}:{n}: ignoring a partial last line ({len(raw)} bytes, no newline): an interrupted write",
+                  PartialLineWarning, stacklevel=3)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_file_mode() -> int:
+    """The mode open() gives a new file: 0666 minus the process umask."""
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Create or replace `path` whole: write(tmp_path) fills a temporary file next to it, which is
+    fsynced and renamed over `path`, so a reader or a killed run never sees a torn file.
+
+    The temporary is named .<name>.<random>.tmp (remove_temp_files clears leftovers) and
+    removed again if anything fails; the file gets the usual mode, not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    with names_file(path, temporary=f".{path.name}."):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        try:
+            os.fchmod(fd, default_file_mode())
+            os.close(fd)
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def names_file(path: str | os.PathLike, temporary: str | None = None):
+    """An OSError raised inside that names no file (ENOSPC from a write does not), or only the
+    temporary file of `path` (its name starts with `temporary`), names `path` instead, so the
+    one-line error says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or (temporary and Path(e.filename).name.startswith(temporary)):
+            e.filename = str(path)
+        raise
+
+
+def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed or failed run left in `directory` (not below it): hidden
+    .<name>...tmp files or folders (atomic_write, checkpoints) and <name>.json(l).tmp files
+    (older versions' writers). Returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        ours = p.name.startswith(".") or p.name.endswith((".json.tmp", ".jsonl.tmp"))
+        if not (ours and p.name.endswith(TEMP_SUFFIX)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _write_lines(tmp: str, lines: Iterable[str]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(_record_json(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        for line in lines:
+            f.write(line)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable) -> None:
+    """Write all records (dicts or dataclasses) to `path` at once (atomic_write)."""
+    atomic_write(path, lambda tmp: _write_lines(tmp, (_record_json(r) + "\n" for r in records)))
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write one JSON document (run configs, summaries): a tmp file, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write one JSON document (run configs, summaries) at once (atomic_write)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # before the temporary exists
+    atomic_write(path, lambda tmp: _write_lines(tmp, [text]))
 
 
 def config_differences(stored: dict, current: dict, limit: int = 4) -> str | None:
@@ -337,14 +439,15 @@ def append_jsonl(path: str | os.PathLike, records: Iterable) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    repair_jsonl_tail(path)
     n = 0
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(_record_json(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            n += 1
+    with names_file(path):
+        repair_jsonl_tail(path)
+        with open(path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(_record_json(r) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                n += 1
     return n
 
 
@@ -355,9 +458,15 @@ __all__ = [
     "DataError",
     "PartialLineWarning",
     "load_problems",
+    "data_file",
     "gsm8k_final_answer",
     "read_jsonl",
+    "file_sha256",
+    "atomic_write",
+    "names_file",
+    "remove_temp_files",
     "write_jsonl_atomic",
+    "write_json_atomic",
     "append_jsonl",
     "repair_jsonl_tail",
 ]

@@ -16,7 +16,9 @@ logits tensor ever exists.
 
 The teacher is either online (the same weights with the LoRA branches switched off, run on
 the hinted prompt under no_grad: one extra forward pass per step, no second model in memory)
-or offline (full logits or sparse top-k log-probs that sample.py stored next to the pairs).
+or captured (the default: sample.py stored the teacher's final hidden states while it wrote
+each solution; the loss turns them into logits with the frozen LM head, chunk by chunk, so
+training runs no teacher forward at all and holds no teacher activations).
 
 Precision: the base model is held in --dtype (bf16 by default). On CUDA a bf16 model runs
 under bf16 autocast; on the CPU it runs in its own dtype with no autocast. Either way the LoRA
@@ -34,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import json
 import math
@@ -48,11 +49,12 @@ import torch
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, load_adapter, lora_parameters, save_adapter
+from minissb.cli import check_output_dir, float_range, int_range, resolve_dtype_name, torch_device, torch_dtype
+from minissb.data import atomic_write, config_differences, file_sha256, names_file, remove_temp_files
+from minissb.lora import DEFAULT_TARGETS, WEIGHTS_FILE, adapters_disabled, apply_lora, load_adapter, lora_parameters, save_adapter
 from minissb.loss import LossOutput, kd_loss
-from minissb.cli import torch_device, torch_dtype
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
-from minissb.targets import TargetReader, targets_dir_for
+from minissb.targets import CapturedTargets, TargetsError, dtype_name, targets_dir_for
 from minissb.tokenizer import Tokenizer
 
 
@@ -70,10 +72,10 @@ class TrainConfig:
     out: str = "runs/train"
     model: str = "Qwen/Qwen2.5-3B-Instruct"
     tokenizer: str | None = None  # None: the model directory
-    teacher: str = "online"  # "online" | "offline"
-    targets: str | None = None  # offline targets dir; None: <pairs stem>.targets next to the pairs
+    teacher: str = "captured"  # "captured" (sample.py's stored hidden states) | "online"
+    targets: str | None = None  # captured targets dir; None: <pairs stem>.targets next to the pairs
     device: str = "auto"
-    dtype: str = "bf16"
+    dtype: str = "auto"  # bf16 on CUDA and on CPUs with native bf16, else fp32
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -82,8 +84,10 @@ class TrainConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     lr: float = 2e-4
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
-    warmup_ratio: float = 0.05
+    lr_schedule: str = "linear"  # "linear" decay to lr * min_lr_ratio (the original's Trainer default) or "cosine"
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    warmup_ratio: float = 0.0  # linear warmup, as a fraction of all steps (the original: none)
+    student_input: str = "chat"  # "chat": the chat template, as at evaluation; "flat": the original's " ".join(system, question)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
     batch_size: int = 4
@@ -106,9 +110,22 @@ class TrainConfig:
 # Options that define the optimisation trajectory: --resume refuses a checkpoint that differs in any.
 TRAJECTORY_FIELDS = (
     "model", "teacher", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "temperature",
-    "kd_weight", "ce_weight", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
+    "kd_weight", "ce_weight", "lr", "lr_schedule", "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
+    "student_input",
     "batch_size", "epochs", "max_steps", "max_seq_len", "truncate", "seed",
 )
+# The allowed values of every numeric option: train.py parses its options with these types, and
+# train() checks a TrainConfig with them (library callers skip argparse). None means unset.
+OPTION_TYPES = {
+    "max_seq_len": int_range(1), "lora_r": int_range(1), "batch_size": int_range(1), "micro_batch_size": int_range(1),
+    "epochs": int_range(1), "max_steps": int_range(1), "stop_after_steps": int_range(1), "loss_chunk_size": int_range(1),
+    "seed": int_range(0, 2**32 - 1), "save_every": int_range(0), "keep_checkpoints": int_range(0),
+    "lora_alpha": float_range(0, low_open=True),  # 0 would train an adapter that changes nothing
+    "lora_dropout": float_range(0, 1, high_open=True), "temperature": float_range(0, low_open=True),
+    "kd_weight": float_range(0), "ce_weight": float_range(0), "lr": float_range(0, low_open=True),
+    "warmup_ratio": float_range(0, 1), "min_lr_ratio": float_range(0, 1), "weight_decay": float_range(0),
+    "max_grad_norm": float_range(),  # <= 0: no clipping
+}
 # Timing fields of a metrics line: the only ones that differ between a run and its resumed twin.
 TIMING_FIELDS = ("tokens_per_s", "step_time_s", "elapsed_s", "cuda_max_mem_gb")
 STATE_FILE = "state.pt"
@@ -127,7 +144,7 @@ class Example:
     teacher_ids: list[int] | None  # online teacher only
     teacher_start: int | None
     labels: list[int]  # solution_ids + [<|im_end|>], cut to n when truncated
-    solution_len: int  # S before any truncation (the offline targets have S + 1 rows)
+    solution_len: int  # S before any truncation (captured targets have S + 1 rows)
     truncated: bool
 
     @property
@@ -141,13 +158,16 @@ def load_pairs(path: str | os.PathLike, need_teacher_chat: bool = True) -> list[
     if not path.is_file():
         raise TrainError(f"pairs file {path} not found (write it with sample.py)")
     pairs, seen = [], {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                rec = json.loads(raw)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise TrainError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line): was the file edited "
+                                 "by hand? re-save it as UTF-8, or write it again with sample.py") from None
             except json.JSONDecodeError as e:
                 raise TrainError(f"{where}: malformed JSON ({e})") from None
             if not isinstance(rec, dict):
@@ -185,8 +205,13 @@ def build_examples(
     truncate: bool,
     online_teacher: bool,
     pairs_path: str = "pairs",
+    student_input: str = "chat",
 ) -> list[Example]:
     """Tokenize every pair; a pair longer than max_seq_len is an error, or is cut with truncate=True.
+
+    student_input "flat" is the original code's student: the system prompt and the question
+    joined by a space, no chat template, then the solution with no end of turn (S trained
+    positions instead of S+1); the teacher side keeps its chat template, as in the original.
 
     Truncation keeps the first tokens of the solution on both sides alike (the teacher's
     prompt is the longer one), so the student and the teacher stay aligned position by position.
@@ -200,11 +225,14 @@ def build_examples(
             raise TrainError(f"{where}: solution_ids holds token id {bad}, outside the model's vocabulary of "
                              f"{vocab_size}: were the pairs sampled with another model?")
         try:
-            student_prompt = tok.encode_chat(rec["student_chat"], add_generation_prompt=True)
+            if student_input == "flat":
+                student_prompt = tok.encode(" ".join(m["content"] for m in rec["student_chat"]).strip())
+            else:
+                student_prompt = tok.encode_chat(rec["student_chat"], add_generation_prompt=True)
             teacher_prompt = tok.encode_chat(rec["teacher_chat"], add_generation_prompt=True) if online_teacher else None
         except ValueError as e:
             raise TrainError(f"{where}: {e}") from None
-        completion = solution + [tok.im_end_id]
+        completion = solution + ([] if student_input == "flat" else [tok.im_end_id])
         longest_prompt = max(len(student_prompt), len(teacher_prompt) if teacher_prompt else 0)
         n = len(completion)
         if longest_prompt + n > max_seq_len:
@@ -259,12 +287,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float, schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then a linear or cosine
+    decay to lr * min_lr_ratio. Linear with no warmup is the Hugging Face Trainer's default
+    (lr * (1 - step / total)), which the original SSB code trains with."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    shape = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * shape)
 
 
 def enable_gradient_checkpointing(model: Qwen2ForCausalLM) -> None:
@@ -284,65 +315,80 @@ def _checkpointed_call(forward, *args):
     return forward(*args)
 
 
-# ----------------------------------------------------------------------------- offline targets
+# ----------------------------------------------------------------------------- captured targets
 
 
-class OfflineTeacher:
-    """Stored teacher targets for the pairs (minissb.targets), checked against the run's settings."""
+def model_identity(name_or_path: str) -> str:
+    """A local model path made absolute (as sample.py records it); a hub id as is."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else str(name_or_path)
 
-    def __init__(self, targets_dir: Path, temperature: float, vocab_size: int, pair_ids: list[str]):
+
+class CapturedTeacher:
+    """The teacher's hidden states captured by sample.py (minissb.targets), checked once against
+    the model, the dtype and every pair before training starts."""
+
+    def __init__(self, targets_dir: Path, model: str, dtype: torch.dtype, hidden_size: int, pairs: list[tuple[int, dict]]):
+        store = CapturedTargets(targets_dir)
         if not targets_dir.is_dir():
-            raise TrainError(f"offline teacher targets {targets_dir} not found: store them with sample.py "
-                             "(--teacher-targets topk|full), or train with --teacher online")
+            raise TrainError(f"captured teacher targets {targets_dir} not found: sample.py stores them unless --no-targets; "
+                             "or train with --teacher online")
         try:
-            self.reader = TargetReader(targets_dir)
-        except ValueError as e:
+            meta = store.read_meta()
+        except TargetsError as e:
             raise TrainError(str(e)) from None
-        meta = self.reader.meta
-        self.mode = meta.get("mode")
-        if self.mode not in ("full", "topk"):
-            raise TrainError(f"{targets_dir}/meta.json: mode is {self.mode!r}, expected 'full' or 'topk'")
-        if meta.get("count") is None:
-            raise TrainError(f"{targets_dir} is incomplete (meta.json has no count: sample.py stopped while "
-                             "writing it); finish it by running the same sample.py command again")
-        # Full targets are raw logits, valid at any T; top-k log-probs are softmax(logits / T) at the T
-        # they were stored at, and the mass outside the top k cannot be re-tempered.
-        if self.mode == "topk" and not math.isclose(float(meta.get("temperature") or "nan"), temperature):
-            raise TrainError(f"{targets_dir} holds top-k targets at temperature {meta.get('temperature')}, "
-                             f"but --temperature is {temperature}: train at that temperature or re-sample the targets")
-        if meta.get("vocab_size") != vocab_size:
-            raise TrainError(f"{targets_dir} was written for a vocabulary of {meta.get('vocab_size')}, "
-                             f"the model has {vocab_size}: the targets come from another model")
-        missing = [pid for pid in pair_ids if pid not in self.reader]
+        want = {"model": model_identity(model), "teacher_dtype": dtype_name(dtype), "hidden_size": hidden_size}
+        for key, value in want.items():
+            if meta.get(key) != value:
+                raise TrainError(f"{targets_dir} was captured with {key} {meta.get(key)!r}, this run has {value!r}: "
+                                 "the teacher's distributions would not be this model's; train with --teacher online")
+        self.solutions = {rec["id"]: list(rec["solution_ids"]) for _, rec in pairs}
+        missing = [pid for pid in self.solutions if not store.has(pid)]
         if missing:
-            raise TrainError(f"{targets_dir} has no targets for pair {missing[0]} ({len(missing)} of {len(pair_ids)} "
-                             "pairs missing): were they written for this pairs file?")
-        self.dir = targets_dir
+            raise TrainError(f"{targets_dir} has no targets for pair {missing[0]} ({len(missing)} of {len(self.solutions)} "
+                             "missing): were they captured for this pairs file?")
+        self.store = store
 
-    def rows(self, ex: Example) -> dict[str, torch.Tensor]:
-        """This example's targets, cut to its n trained positions."""
+    def rows(self, ex: Example) -> torch.Tensor:
+        """This example's (n, hidden) teacher rows: positions P-1 ... of the hinted sequence."""
         try:
-            stored = self.reader.get(ex.id)
-        except (KeyError, ValueError) as e:
-            raise TrainError(f"{self.dir}: no targets for pair {ex.id} ({e}): were they written for this pairs file?") from None
-        want = ex.solution_len + 1
-        out = {}
-        for key, value in stored.items():
-            name = key.rsplit(".", 1)[-1]  # accept "<id>.logprobs" as well as "logprobs"
-            if value.shape[0] != want:
-                raise TrainError(f"{self.dir}: {ex.id}.{name} has {value.shape[0]} rows, the pair has {want} "
-                                 "solution positions: the targets were written for another pairs file")
-            out[name] = value[: ex.n]
-        return out
+            return self.store.read(ex.id, self.solutions[ex.id])[: ex.n]
+        except TargetsError as e:
+            raise TrainError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file object: torch reports a failed write (a full disk) as an
+    opaque RuntimeError, so the OSError behind it, named after `path`, is raised instead."""
+    errors: list[OSError] = []
+    with names_file(path), open(path, "wb") as f:
+
+        class Sink:
+            def write(self, data):
+                try:
+                    return f.write(data)
+                except OSError as e:
+                    errors.append(e)
+                    raise
+
+            def flush(self):
+                f.flush()
+
+        try:
+            torch.save(obj, Sink())
+        except RuntimeError:
+            if errors:
+                raise errors[0] from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
@@ -359,7 +405,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: i
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
+    tmp = root / f".step-{step:06d}.tmp"  # a leftover one (killed, disk full) is removed at the next start
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp / "adapter", base_model=base_model)
     state = {
@@ -369,13 +415,56 @@ def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: i
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **extra,
     }
-    torch.save(state, tmp / STATE_FILE)
+    _torch_save(state, tmp / STATE_FILE)
     if final.exists():  # left by a run that went past this step before it was resumed from an earlier one
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in _checkpoint_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _read_run_json(out: Path) -> dict | None:
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path}: not valid JSON ({e}): move it away, or choose another --out") from None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise TrainError(f"{path} is not a train.py run.json: move it away, or choose another --out")
+    return info
+
+
+def _resume_plan(out: Path, cfg: TrainConfig, fingerprint: dict, pairs_sha: str) -> tuple[bool, str | None]:
+    """(continue from the newest checkpoint?, a note to print) for a run into `out`.
+
+    Rerunning the same command continues from the newest checkpoint, or starts over when there
+    is none (killed before the first, stopped on a non-finite loss). Other settings or pairs
+    are refused while `out` holds something to lose (a checkpoint or a finished adapter), and
+    start over otherwise.
+    """
+    checkpoints = _checkpoint_dirs(out)
+    stored = _read_run_json(out)
+    finished = (out / "adapter" / WEIGHTS_FILE).is_file()
+    if cfg.resume and stored is None and not checkpoints:
+        raise TrainError(f"--resume: {out} holds no training run to continue; drop --resume to start one")
+    if stored is None and finished and not checkpoints:
+        raise TrainError(f"{out} holds adapter/ but no run.json, so its settings are unknown: move adapter/ away, "
+                         "or choose another --out")
+    if stored is not None and (checkpoints or finished):
+        then = {_option(k): stored["config"].get(k) for k in fingerprint}
+        changes = [config_differences(then, {_option(k): v for k, v in fingerprint.items()})]
+        changes.append("the pairs file changed" if stored.get("pairs_sha256") != pairs_sha else None)
+        if any(changes):
+            raise TrainError(f"{out} holds a training run with other settings ({'; '.join(filter(None, changes))}): "
+                             "rerun with those to continue it, or choose another --out")
+    if checkpoints:
+        return True, None
+    if stored is not None:
+        return False, f"{out} holds no checkpoint of the earlier run (it stopped before writing one): starting over"
+    return False, None
 
 
 def load_checkpoint(out: Path, model, optimizer, device, config: dict, pairs_sha256: str) -> dict:
@@ -385,15 +474,20 @@ def load_checkpoint(out: Path, model, optimizer, device, config: dict, pairs_sha
     """
     dirs = _checkpoint_dirs(out)
     if not dirs:
-        raise TrainError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
+        raise TrainError(f"{out / 'checkpoints'} holds no checkpoint to resume from")
     ckpt = dirs[-1]
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint is renamed into place only when complete: this is damage
+        raise TrainError(f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__}); delete {ckpt} to continue "
+                         "from the checkpoint before it") from None
     for key, value in config.items():
         if state["config"].get(key) != value:
-            raise TrainError(f"--resume: --{key.replace('_', '-')} is {value!r} but {ckpt.name} was trained with "
-                             f"{state['config'].get(key)!r}; resume with the same settings")
+            raise TrainError(f"{_option(key)} is {value!r} but {out / 'checkpoints' / ckpt.name} was trained with "
+                             f"{state['config'].get(key)!r}: rerun with the same settings to continue, or choose another --out")
     if state["pairs_sha256"] != pairs_sha256:
-        raise TrainError("--resume: the pairs file changed since the checkpoint was written; resume with the same pairs")
+        raise TrainError(f"the pairs file changed since {ckpt.name} was written: rerun with the same pairs to continue, "
+                         "or choose another --out")
     load_adapter(model, ckpt / "adapter")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -417,39 +511,43 @@ def truncate_metrics(path: Path, upto_step: int) -> None:
     _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_config(cfg: TrainConfig) -> None:
-    if cfg.teacher not in ("online", "offline"):
-        raise TrainError(f"--teacher must be online or offline, got {cfg.teacher!r}")
+    if cfg.teacher not in ("captured", "online"):
+        raise TrainError(f"--teacher must be captured or online, got {cfg.teacher!r}")
+    assert cfg.lr_schedule in ("linear", "cosine") and cfg.student_input in ("chat", "flat"), "train.py's choices"
     if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
         raise TrainError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
-    for name in ("batch_size", "epochs", "max_seq_len", "loss_chunk_size", "lora_r"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name, kind in OPTION_TYPES.items():
+        value = getattr(cfg, name)
+        if value is not None and kind.problem(value):
+            raise TrainError(f"{_option(name)} {kind.problem(value)}")
     mb = cfg.micro_batch_size
-    if mb is not None and not 1 <= mb <= cfg.batch_size:
+    if mb is not None and not mb <= cfg.batch_size:
         raise TrainError(f"--micro-batch-size must be between 1 and --batch-size {cfg.batch_size}, got {mb}")
-    if cfg.lr <= 0 or cfg.temperature <= 0:
-        raise TrainError(f"--lr ({cfg.lr}) and --temperature ({cfg.temperature}) must be > 0")
-    if not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.min_lr_ratio <= 1:
-        raise TrainError("--warmup-ratio and --min-lr-ratio must be between 0 and 1")
-    if cfg.kd_weight < 0 or cfg.ce_weight < 0 or cfg.kd_weight == cfg.ce_weight == 0:
-        raise TrainError(f"--kd-weight ({cfg.kd_weight}) and --ce-weight ({cfg.ce_weight}) must be >= 0 and not both 0")
+    if cfg.kd_weight == cfg.ce_weight == 0:
+        raise TrainError("--kd-weight and --ce-weight are both 0: nothing to train on; set one of them > 0")
     if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after training
         raise TrainError(MATPLOTLIB_MISSING)
-    for name in ("max_steps", "stop_after_steps"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
+    check_output_dir(cfg.out)
+
+
+def _non_finite(what: str, step: int, epoch: int, batch: list[Example], cfg: TrainConfig) -> NonFiniteLossError:
+    """The error for a non-finite loss or gradient norm, with the likely cause: before any update
+    it is the settings of the loss or the pairs, after one it is most often a too large --lr."""
+    where = f"at step {step + 1} (epoch {epoch + 1}), pairs {', '.join(ex.id for ex in batch)}"
+    if step == 0:
+        hint = (f"the adapter has not been updated yet, so check --temperature ({cfg.temperature}), --kd-weight "
+                f"({cfg.kd_weight}) and --ce-weight ({cfg.ce_weight}), and those pairs")
+    else:
+        hint = f"lower --lr ({cfg.lr:g}) or --lora-alpha ({cfg.lora_alpha:g}), or check those pairs"
+    return NonFiniteLossError(f"non-finite {what} {where}; {hint}")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -459,35 +557,37 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
+def online_teacher_hidden(model: Qwen2ForCausalLM, batch: list[Example], pad_id: int) -> tuple[torch.Tensor, int]:
+    """The online teacher: the same weights with the LoRA branches off read the hinted prompts.
+    Returns its final hidden states at the trained positions (N, D), pair by pair and position
+    by position (the student's order too), and the number of real input tokens."""
+    assert all(ex.teacher_ids is not None for ex in batch), "build_examples(online_teacher=True) gives teacher sequences"
+    device = model.device
+    teacher = collate([(ex.teacher_ids, ex.teacher_start, ex.n) for ex in batch], pad_id, device)
+    with adapters_disabled(model), _autocast(device, model.dtype):
+        hidden = model.hidden_states(teacher.ids, attention_mask=teacher.attention_mask)  # (B, T, D)
+    return hidden[teacher.loss_mask], teacher.n_real  # row-major order of the mask
+
+
 def micro_batch_loss(model: Qwen2ForCausalLM, batch: list[Example], cfg: TrainConfig, pad_id: int,
-                     offline: OfflineTeacher | None = None) -> tuple[LossOutput, int]:
+                     captured: CapturedTeacher | None = None) -> tuple[LossOutput, int]:
     """The loss of one micro-batch (a token mean over its trained positions) and its number of input tokens.
 
-    Online teacher: the same model with its LoRA branches off reads the hinted prompts, under
-    no_grad; its hidden states at the trained positions become the targets.
+    Online teacher (captured None): the same model with its LoRA branches off reads the hinted
+    prompts, under no_grad; its hidden states at the trained positions become the targets.
+    Captured: those hidden states come from disk. Either way kd_loss applies the LM head.
     """
     device, dtype = model.device, model.dtype
     student = collate([(ex.student_ids, ex.student_start, ex.n) for ex in batch], pad_id, device)
     labels = torch.tensor([t for ex in batch for t in ex.labels], device=device)  # (N,)
     n_input = student.n_real
     teacher_kw = {}
-    if offline is None:
-        if any(ex.teacher_ids is None for ex in batch):
-            raise TrainError("the online teacher needs the examples' teacher sequences (build_examples(online_teacher=True))")
-        teacher = collate([(ex.teacher_ids, ex.teacher_start, ex.n) for ex in batch], pad_id, device)
-        with torch.no_grad(), adapters_disabled(model), _autocast(device, dtype):
-            hidden = model.hidden_states(teacher.ids, attention_mask=teacher.attention_mask)  # (B, T, D)
-            # Row-major order of the mask = pair by pair, position by position: the student's order too.
-            teacher_kw["teacher_hidden"] = hidden[teacher.loss_mask]  # (N, D)
-        del hidden
-        n_input += teacher.n_real
-    else:
-        rows = [offline.rows(ex) for ex in batch]
-        if offline.mode == "full":
-            teacher_kw["teacher_logits"] = torch.cat([r["logits"] for r in rows]).to(device)  # (N, V)
-        else:
-            teacher_kw["topk_logprobs"] = torch.cat([r["logprobs"] for r in rows]).to(device)  # (N, k)
-            teacher_kw["topk_ids"] = torch.cat([r["ids"] for r in rows]).to(device)  # (N, k)
+    if captured is None:
+        teacher_kw["teacher_hidden"], n_teacher = online_teacher_hidden(model, batch, pad_id)
+        n_input += n_teacher
+    else:  # pair by pair, position by position: the order of the student's loss mask
+        teacher_kw["teacher_hidden"] = torch.cat([captured.rows(ex) for ex in batch]).to(device, dtype)  # (N, D)
     with _autocast(device, dtype):
         hidden = model.hidden_states(student.ids, attention_mask=student.attention_mask)  # (B, T, D)
         res = kd_loss(hidden, model.lm_head.weight, mask=student.loss_mask, targets=labels,
@@ -502,17 +602,16 @@ def train(cfg: TrainConfig) -> dict:
     _check_config(cfg)
     out = Path(cfg.out)
     metrics_path = out / "metrics.jsonl"
-    if not cfg.resume and (metrics_path.exists() or _checkpoint_dirs(out)):
-        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-    if cfg.resume and not _checkpoint_dirs(out):
-        raise TrainError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
-
     device = torch_device(cfg.device)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype_name(cfg.dtype, device))  # "auto" -> what this machine runs
     dtype = torch_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     online = cfg.teacher == "online"
     pairs_path = Path(cfg.pairs)
     pairs = load_pairs(pairs_path, need_teacher_chat=online)
+    pairs_sha = file_sha256(pairs_path)
+    fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
+    resume, note = _resume_plan(out, cfg, fingerprint, pairs_sha)  # before the model loads: a refusal costs nothing
 
     model_dir = resolve_model_dir(cfg.model)
     tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
@@ -522,11 +621,11 @@ def train(cfg: TrainConfig) -> dict:
         raise TrainError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
     examples = build_examples(pairs, tok, vocab_size=vocab_size, max_seq_len=cfg.max_seq_len, truncate=cfg.truncate,
-                              online_teacher=online, pairs_path=str(pairs_path))
-    offline = None
+                              online_teacher=online, pairs_path=str(pairs_path), student_input=cfg.student_input)
+    captured = None
     if not online:
         targets_dir = Path(cfg.targets) if cfg.targets else targets_dir_for(pairs_path)
-        offline = OfflineTeacher(targets_dir, cfg.temperature, vocab_size, [ex.id for ex in examples])
+        captured = CapturedTeacher(targets_dir, cfg.model, dtype, model.config.hidden_size, pairs)
 
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
     if cfg.grad_checkpointing:
@@ -542,15 +641,14 @@ def train(cfg: TrainConfig) -> dict:
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     micro = cfg.micro_batch_size or cfg.batch_size
     n_truncated = sum(ex.truncated for ex in examples)
-    pairs_sha = file_sha256(pairs_path)
-    fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
 
     start_step = 0
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume:
-        state = load_checkpoint(out, model, optimizer, device, fingerprint, pairs_sha)
-        start_step = state["step"]
-        truncate_metrics(metrics_path, start_step)
+    for folder in (out, out / "checkpoints", out / "adapter"):
+        remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
+    if resume:
+        start_step = load_checkpoint(out, model, optimizer, device, fingerprint, pairs_sha)["step"]
+    truncate_metrics(metrics_path, start_step)  # starting over (0) keeps no line of the earlier attempt
     run_info = {
         "config": dataclasses.asdict(cfg), "pairs_sha256": pairs_sha, "n_pairs": len(examples),
         "n_truncated": n_truncated, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
@@ -562,11 +660,13 @@ def train(cfg: TrainConfig) -> dict:
     say = tqdm.write if cfg.progress else (lambda s: None)
     say(f"{len(examples)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs -> {total_steps} steps "
         f"(batch {cfg.batch_size}, micro-batch {micro}); teacher {cfg.teacher}"
-        + (f" ({offline.mode})" if offline else "") + f"; {run_info['trainable_params']:,} LoRA parameters on {device}")
+        + f"; {run_info['trainable_params']:,} LoRA parameters on {device}")
     if n_truncated:
         dropped = sum(ex.solution_len + 1 - ex.n for ex in examples)
         say(f"--truncate: cut {n_truncated} of {len(examples)} pairs to --max-seq-len {cfg.max_seq_len} "
             f"({dropped} solution tokens not trained)")
+    if note:
+        say(note)
     if start_step:
         say(f"resuming from step {start_step} of {total_steps}")
 
@@ -582,19 +682,17 @@ def train(cfg: TrainConfig) -> dict:
             order = epoch_order(len(examples), cfg.seed, epoch)
             batch = [examples[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
             n_batch = sum(ex.n for ex in batch)
-            lr = lr_at(step, total_steps, cfg.lr, warmup_steps, cfg.min_lr_ratio)
+            lr = lr_at(step, total_steps, cfg.lr, warmup_steps, cfg.min_lr_ratio, cfg.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = kl_sum = ce_sum = 0.0
             n_input = 0
             for m in range(0, len(batch), micro):
                 mb = batch[m : m + micro]
-                res, n_real = micro_batch_loss(model, mb, cfg, tok.pad_id, offline)
+                res, n_real = micro_batch_loss(model, mb, cfg, tok.pad_id, captured)
                 n_input += n_real
                 if not torch.isfinite(res.loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({res.loss.item()}) at step {step + 1} (epoch {epoch + 1}), pairs "
-                        f"{', '.join(ex.id for ex in mb)}; lower --lr, or check those pairs")
+                    raise _non_finite(f"loss ({res.loss.item()})", step, epoch, mb, cfg)
                 # Each micro-batch's token mean, weighted by its share of the batch's tokens: the sum is
                 # the token mean over the whole batch, whatever the micro-batch size.
                 weight = res.n_tokens / n_batch
@@ -606,8 +704,7 @@ def train(cfg: TrainConfig) -> dict:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
             if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1} (epoch {epoch + 1}), pairs "
-                                         f"{', '.join(ex.id for ex in batch)}; lower --lr, or check those pairs")
+                raise _non_finite("gradient norm", step, epoch, batch, cfg)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -628,8 +725,9 @@ def train(cfg: TrainConfig) -> dict:
             }
             if device.type == "cuda":
                 last["cuda_max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
+            with names_file(metrics_path):  # a full disk names the file
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", kl=f"{kl_sum:.4f}", lr=f"{lr:.2e}")
 
@@ -640,16 +738,17 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(out, done, model, optimizer, extra, cfg.keep_checkpoints, cfg.model)
     except KeyboardInterrupt:
         saved = _checkpoint_dirs(out)
-        where = f"from step {int(saved[-1].name[5:])} with --resume" if saved else "from the start (no checkpoint yet)"
-        raise TrainError(f"interrupted; restart {where}") from None
+        where = f"continues from step {int(saved[-1].name[5:])}" if saved else "starts over (no checkpoint yet)"
+        raise TrainError(f"interrupted; rerunning the same command {where}") from None
     finally:
-        metrics_file.close()
+        with names_file(metrics_path):
+            metrics_file.close()
         bar.close()
 
     summary = {"steps": stop_at, "total_steps": total_steps, "n_truncated": n_truncated,
                "metrics": str(metrics_path), "last": last}
     if stop_at < total_steps:
-        say(f"stopped after step {stop_at} of {total_steps}; continue with --resume")
+        say(f"stopped after step {stop_at} of {total_steps}; rerun without --stop-after-steps to continue")
         summary["adapter"] = None
     else:
         save_adapter(model, out / "adapter", base_model=cfg.model)
@@ -713,6 +812,6 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
 
 __all__ = [
     "TrainConfig", "TrainError", "NonFiniteLossError", "Example", "load_pairs", "build_examples", "collate",
-    "epoch_order", "lr_at", "micro_batch_loss", "enable_gradient_checkpointing", "OfflineTeacher", "train", "plot_metrics",
+    "epoch_order", "lr_at", "micro_batch_loss", "online_teacher_hidden", "enable_gradient_checkpointing", "CapturedTeacher", "train", "plot_metrics",
     "TIMING_FIELDS",
 ]

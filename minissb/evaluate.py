@@ -33,12 +33,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
+from typing import Hashable, Sequence
 
 from minissb import grader, prompts
 from minissb.data import DATASETS, Problem, append_jsonl, load_problems, read_jsonl
-from minissb.cli import torch_device, torch_dtype
-from minissb.data import config_differences, write_json_atomic
+from minissb.cli import check_output_dir, resolve_dtype_name, torch_device, torch_dtype
+from minissb.data import config_differences, data_file, file_sha256, remove_temp_files, write_json_atomic
+from minissb.engine import Engine, Request
 
 
 class EvalError(ValueError):
@@ -52,10 +53,6 @@ DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 1024, "math500": 2048, "aime24": 4096}
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
-# generate_fn(prompts_ids, *, num_samples, temperature, top_k, top_p, max_new_tokens, seed)
-# -> completions, prompt-major (row i * num_samples + j), each with .token_ids (no stop token),
-# .finish_reason ("stop" | "length") and optionally .text.
-GenerateFn = Callable[..., list]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -96,9 +93,14 @@ def majority_vote(keys: Sequence[Hashable | None]) -> int | None:
     return min(first[key] for key, c in counts.items() if c == top)
 
 
-def score_responses(texts: Sequence[str], gold: str, dataset: str) -> tuple[list[str | None], list[bool], int | None]:
-    """(extracted answers, verdicts, index of the majority-vote winner) for one problem's samples."""
-    answers = [grader.extract_answer(t, dataset) for t in texts]
+def score_responses(texts: Sequence[str], gold: str, dataset: str, finished: Sequence[bool] | None = None
+                    ) -> tuple[list[str | None], list[bool], int | None]:
+    """(extracted answers, verdicts, index of the majority-vote winner) for one problem's samples.
+
+    finished[i] False: response i was cut off by the token limit, so only a \\boxed{} answer
+    counts for it (a cut-off "the answer to part one is 14" is not a final answer)."""
+    finished = [True] * len(texts) if finished is None else finished
+    answers = [grader.extract_answer(t, dataset, finished=f) for t, f in zip(texts, finished)]
     correct = [a is not None and grader.is_equivalent(a, gold, dataset) for a in answers]
     keys = [None if a is None else grader.answer_key(a, dataset) for a in answers]
     return answers, correct, majority_vote(keys)
@@ -118,6 +120,7 @@ def summarize(records: Sequence[dict]) -> dict:
     maj_sum = sum(bool(rec["maj_correct"]) for rec in records)
     return {
         "problems": n,
+        "problem_scores": per_problem,  # in the order of `records`: pairs models problem by problem
         "samples": len(responses) // n if n else 0,
         "accuracy": acc_sum / n if n else 0.0,
         "ci95": list(wilson_interval(acc_sum, n)),
@@ -217,14 +220,6 @@ def response_files(out_dir: Path, label: str, dataset: str) -> tuple[Path, Path]
     return out_dir / f"{stem}.jsonl", out_dir / f"{stem}.run.json"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _path_identity(path_or_id) -> str | None:
     """A local path as an absolute path (a rerun from another folder still matches); a hub id as is."""
     if path_or_id is None:
@@ -233,22 +228,27 @@ def _path_identity(path_or_id) -> str | None:
     return str(p.resolve()) if p.exists() else str(path_or_id)
 
 
-def run_config(model: str, target: EvalTarget, dataset: str, data_source, dtype: str, gen: dict) -> dict:
+def run_config(model: str, target: EvalTarget, dataset: str, data_source, dtype: str, gen: dict,
+               data_sha256: str | None = None) -> dict:
     """What identifies a responses file: everything that changes its records (not how many or how fast)."""
     adapter_digest = None
     if target.adapter is not None:
         weights = target.adapter / "adapter_model.safetensors"
-        adapter_digest = _file_digest(weights) if weights.is_file() else None
+        adapter_digest = file_sha256(weights)[:16] if weights.is_file() else None
     return {
         "model": _path_identity(model),
         "adapter": _path_identity(target.adapter),
         "adapter_sha256": adapter_digest,  # a retrained adapter in the same folder is a new run
         "dataset": dataset,
         "data": _path_identity(data_source),
+        "data_sha256": data_sha256,  # the file's content: edited in place, it is a new run
         "dtype": dtype,
         "system_prompt_sha256": hashlib.sha256(prompts.SYSTEM_PROMPT.encode()).hexdigest()[:16],
         **gen,
     }
+
+
+ADDED_IDENTITY_KEYS = ("data_sha256",)  # run-config keys that older run.json files lack
 
 
 def check_run_config(responses: Path, config_path: Path, config: dict) -> None:
@@ -259,9 +259,15 @@ def check_run_config(responses: Path, config_path: Path, config: dict) -> None:
                             "pass another --out, or move the old file away")
         return
     try:
-        stored = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        stored = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvalError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(stored, dict):
+        raise EvalError(f"{config_path}: expected a JSON object: move it away, or pass another --out")
+    # Keys newer than the file (older versions did not record them) cannot be compared.
+    config = {k: v for k, v in config.items() if k in stored or k not in ADDED_IDENTITY_KEYS}
+    if stored.get("temperature") == config.get("temperature") == 0:  # greedy: the seed changes nothing
+        stored, config = ({k: v for k, v in d.items() if k != "seed"} for d in (stored, config))
     shown = config_differences(stored, config)
     if shown:
         raise EvalError(f"{responses} was written with other arguments ({shown}): rerun with the same "
@@ -283,83 +289,65 @@ def read_records(responses: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- running
 
 
-def batch_seed(seed: int, ids: Sequence[str]) -> int:
-    """Sampling seed of one generation call, from the run seed and the problems in it."""
-    digest = hashlib.sha256(f"{seed}:eval:{','.join(ids)}".encode()).digest()
+def problem_seed(seed: int, problem_id: str) -> int:
+    """Sampling seed of one problem's samples: the run seed and the problem alone."""
+    digest = hashlib.sha256(f"{seed}:eval:{problem_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def eval_max_len(tokenizer, problems: Sequence[Problem], gen: dict) -> int:
+    """Engine positions per slot: the longest student prompt + the new-token cap."""
+    chats = (prompts.student_chat(p.question, gen.get("system_prompt")) for p in problems)
+    return max(len(tokenizer.encode_chat(c, add_generation_prompt=True)) for c in chats) + gen["max_new_tokens"]
 
 
 def evaluate_dataset(
     problems: Sequence[Problem],
     tokenizer,
-    generate_fn: GenerateFn,
+    engine,
     responses: Path,
     gen: dict,
-    batch_size: int,
     progress: bool = True,
     desc: str = "eval",
 ) -> dict:
-    """Generate and grade the problems that have no record in `responses` yet, appending one
-    record per problem. Returns {"new_problems", "new_tokens", "seconds"} for this session."""
+    """Generate and grade the problems that have no record in `responses` yet, streaming them
+    through `engine` (a minissb.engine.Engine, or anything with its run()) and appending one
+    record per problem as soon as its samples are done. Returns {"new_problems",
+    "new_tokens", "seconds"} for this session."""
     from tqdm.auto import tqdm
 
     done = read_records(responses)
     todo = [p for p in problems if p.id not in done]
-    k = gen["samples"]
-    per_call = max(1, batch_size // k)  # batch_size counts sequences; each problem gives k
     stats = {"new_problems": len(todo), "new_tokens": 0, "seconds": 0.0}
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem",
                disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), per_call):
-        batch = todo[start : start + per_call]
-        prompt_ids = [tokenizer.encode_chat(prompts.student_chat(p.question), add_generation_prompt=True) for p in batch]
-        t0 = time.perf_counter()
-        completions = generate_fn(
-            prompt_ids,
-            num_samples=k,
-            temperature=gen["temperature"],
-            top_k=gen["top_k"],
-            top_p=gen["top_p"],
-            max_new_tokens=gen["max_new_tokens"],
-            seed=batch_seed(gen["seed"], [p.id for p in batch]),
-        )
-        stats["seconds"] += time.perf_counter() - t0
-        if len(completions) != len(batch) * k:
-            raise EvalError(f"the generator returned {len(completions)} completions for {len(batch)} prompts x {k} samples")
-        records = []
-        for i, problem in enumerate(batch):
-            rows = completions[i * k : (i + 1) * k]
-            texts = [c.text if getattr(c, "text", None) is not None else tokenizer.decode(c.token_ids) for c in rows]
-            answers, correct, winner = score_responses(texts, problem.gold, problem.dataset)
-            stats["new_tokens"] += sum(len(c.token_ids) for c in rows)
-            records.append({
-                "id": problem.id,
-                "dataset": problem.dataset,
-                "gold": problem.gold,
-                "question": problem.question,
-                "responses": [
-                    {"text": t, "answer": a, "correct": ok, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
-                    for t, a, ok, c in zip(texts, answers, correct, rows)
-                ],
-                "maj_answer": None if winner is None else answers[winner],
-                "maj_correct": winner is not None and correct[winner],
-            })
-        append_jsonl(responses, records)  # one line per problem, each flushed and fsynced
-        bar.update(len(batch))
+    requests = (
+        Request(tokenizer.encode_chat(prompts.student_chat(p.question, gen.get("system_prompt")), add_generation_prompt=True), gen["max_new_tokens"],
+                gen["samples"], gen["temperature"], gen["top_k"], gen["top_p"], seed=problem_seed(gen["seed"], p.id), tag=p)
+        for p in todo
+    )
+    t0 = time.perf_counter()
+    for out in engine.run(requests):
+        problem, rows = out.request.tag, out.completions
+        texts = [c.text if getattr(c, "text", None) is not None else tokenizer.decode(c.token_ids) for c in rows]
+        answers, correct, winner = score_responses(texts, problem.gold, problem.dataset, [c.finish_reason == "stop" for c in rows])
+        stats["new_tokens"] += sum(len(c.token_ids) for c in rows)
+        append_jsonl(responses, [{  # one line per problem, flushed and fsynced
+            "id": problem.id,
+            "dataset": problem.dataset,
+            "gold": problem.gold,
+            "question": problem.question,
+            "responses": [
+                {"text": t, "answer": a, "correct": ok, "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                for t, a, ok, c in zip(texts, answers, correct, rows)
+            ],
+            "maj_answer": None if winner is None else answers[winner],
+            "maj_correct": winner is not None and correct[winner],
+        }])
+        bar.update(1)
+    stats["seconds"] = time.perf_counter() - t0
     bar.close()
     return stats
-
-
-def model_generate_fn(model, tokenizer, compile: bool = False) -> GenerateFn:
-    """minissb.generate on `model`, stopping at the end of the assistant turn."""
-    from minissb.generate import generate
-
-    def generate_fn(prompt_ids, *, num_samples, temperature, top_k, top_p, max_new_tokens, seed):
-        return generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, num_samples=num_samples, stop_ids=tokenizer.stop_ids, seed=seed,
-                        tokenizer=tokenizer, compile=compile)
-
-    return generate_fn
 
 
 # ----------------------------------------------------------------------------- table
@@ -372,7 +360,7 @@ def format_table(results: Sequence[dict]) -> str:
     header = ["dataset", "model", "problems", f"{acc_name} % [95% CI]"]
     if k > 1:
         header.append(f"maj@{k} % [95% CI]")
-    header += ["mean tokens", "vs base (pts)"]
+    header += ["mean tokens", "vs base (pts) [paired 95% CI]"]
     rows = []
     for r in results:
         lo, hi = r["ci95"]
@@ -380,8 +368,12 @@ def format_table(results: Sequence[dict]) -> str:
         if k > 1:
             mlo, mhi = r["maj_ci95"]
             row.append(f"{100 * r['maj_accuracy']:.1f} [{100 * mlo:.1f}, {100 * mhi:.1f}]")
-        d = r.get("delta_vs_base")
-        row += [f"{r['mean_tokens']:.0f}", "-" if d is None else f"{100 * d:+.1f}"]
+        d, paired = r.get("delta_vs_base"), r.get("paired_vs_base")
+        vs = "-" if d is None else f"{100 * d:+.1f}"
+        if paired:
+            lo, hi = paired["ci95"]
+            vs += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" + (f" p={paired['mcnemar_exact_p']:.2g}" if "mcnemar_exact_p" in paired else "")
+        row += [f"{r['mean_tokens']:.0f}", vs]
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -395,17 +387,49 @@ def table_legend(samples: int) -> str:
         f"avg@{samples} = mean share of the {samples} samples that are right; maj@{samples} = share of problems "
         "whose majority answer is right (equivalent answers vote together, no answer = no vote, ties go to the answer seen first)")
     return (f"{acc}. In %, with its 95% Wilson score interval. mean tokens = generated tokens per response. "
-            "vs base = difference to the base model, in percentage points.")
+            "vs base = difference to the base model, in percentage points, with a paired bootstrap 95% interval over "
+            "the same problems (and, for pass@1, the exact McNemar p-value).")
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def paired_difference(base: Sequence[float], other: Sequence[float], seed: int = 0) -> dict:
+    """The difference other - base over the same problems, with a paired 95% interval.
+
+    base[i], other[i]: the two models' scores on problem i (0/1 for greedy, a share for
+    avg@k). The interval is a paired bootstrap (problems resampled with replacement, the
+    2.5th and 97.5th percentiles of the mean difference, 10,000 resamples, fixed seed): it
+    uses that both models answered the same problems, so it is much narrower than two
+    independent Wilson intervals. For 0/1 scores also the exact two-sided McNemar test on
+    the discordant problems (b: only base right, c: only the other right)."""
+    import numpy as np
+
+    d = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
+    n = len(d)
+    out = {"delta": float(d.mean()) if n else 0.0, "ci95": [0.0, 0.0], "method": "paired bootstrap, 10,000 resamples"}
+    if n:
+        rng = np.random.default_rng(seed)
+        means = d[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
+        out["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    if all(x in (0, 1) for x in (*base, *other)):
+        b = int(sum(x == 1 and y == 0 for x, y in zip(base, other)))
+        c = int(sum(x == 0 and y == 1 for x, y in zip(base, other)))
+        tail = sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c) if b + c else 1.0
+        out.update(only_base_right=b, only_other_right=c, mcnemar_exact_p=min(1.0, 2 * tail))
+    return out
 
 
 def add_deltas(results: list[dict]) -> None:
-    """delta_vs_base: accuracy minus the base model's on the same dataset (None for base / no base)."""
+    """delta_vs_base: accuracy minus the base model's on the same dataset (None for base / no
+    base), and paired_vs_base: that difference with its paired interval (paired_difference)."""
     base = {r["dataset"]: r for r in results if r["adapter"] is None}
     for r in results:
         b = base.get(r["dataset"])
         same = b is not None and r is not b and b["problems"] == r["problems"]
         r["delta_vs_base"] = r["accuracy"] - b["accuracy"] if same else None
         r["maj_delta_vs_base"] = r["maj_accuracy"] - b["maj_accuracy"] if same else None
+        r["paired_vs_base"] = paired_difference(b["problem_scores"], r["problem_scores"]) if same else None
 
 
 # ----------------------------------------------------------------------------- the command
@@ -421,45 +445,50 @@ def parse_data_files(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def check_adapters_fit(model_dir: Path, targets: Sequence[EvalTarget]) -> None:
+def check_options(args) -> tuple[list[str], dict[str, str], int | None, float | None]:
+    """(datasets, data files, top_k, top_p) from eval.py's options, checked against each other
+    (eval.py's argparse types have checked each one's range) before anything loads or is written."""
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    twice = next((d for i, d in enumerate(datasets) if d in datasets[:i]), None)
+    if twice:
+        raise EvalError(f"--datasets names {twice} twice: list each dataset once")
+    data_files = parse_data_files(args.data or [])
+    if args.samples > 1 and args.temperature == 0:
+        raise EvalError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical answers: set --temperature (e.g. 0.6)")
+    check_output_dir(args.out)
+    # Filters only apply when sampling; top-k 0 and top-p 1 mean off.
+    top_k = args.top_k if args.top_k and args.temperature > 0 else None
+    top_p = args.top_p if args.top_p is not None and args.top_p < 1 and args.temperature > 0 else None
+    return datasets, data_files, top_k, top_p
+
+
+def check_adapters_fit(model_dir: Path, targets: Sequence[EvalTarget], base_model: str | None = None) -> None:
     """Load each adapter into a weightless (meta-device) copy of the model, so a missing file or
-    a shape mismatch stops the run before any model is loaded or evaluated."""
+    a shape mismatch stops the run before any model is loaded or evaluated; an adapter whose
+    config names another base model than `base_model` gets a warning."""
     import torch
 
     from minissb.lora import load_adapter
-    from minissb.model import Qwen2Config, Qwen2ForCausalLM
+    from minissb.model import Qwen2ForCausalLM, load_config
 
-    cfg = Qwen2Config.from_json(model_dir / "config.json")
+    cfg = load_config(model_dir)
     for t in targets:
         if t.adapter is None:
             continue
         with torch.device("meta"):
             skeleton = Qwen2ForCausalLM(cfg)
-        load_adapter(skeleton, t.adapter)
+        load_adapter(skeleton, t.adapter, base_model=base_model)
 
 
 def eval_main(args) -> int:
     """eval.py: evaluate the base model and each adapter on each dataset, print and save the table."""
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    data_files = parse_data_files(args.data or [])
-    for name in ("samples", "batch_size"):
-        if getattr(args, name) < 1:
-            raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {args.limit}")
-    if args.temperature < 0:
-        raise EvalError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.samples > 1 and args.temperature == 0:
-        raise EvalError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical answers: set --temperature (e.g. 0.6)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    top_k = args.top_k if args.top_k and args.temperature > 0 else None
-    top_p = args.top_p if args.top_p is not None and args.top_p < 1 and args.temperature > 0 else None
-    if top_p is not None and top_p <= 0:
-        raise EvalError(f"--top-p must be in (0, 1], got {args.top_p}")
+    datasets, data_files, top_k, top_p = check_options(args)
 
     # Everything that can be wrong with the inputs is found before the first token is generated.
+    system_prompt = prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None
     problems = load_eval_problems(datasets, args.data_dir, data_files, args.limit)
+    # The content, not just the name: a data file edited in place is another run.
+    data_sha = {name: file_sha256(data_file(name, source=data_files.get(name, args.data_dir)))[:16] for name in datasets}
     targets = make_targets(args.adapter or [], include_base=not args.no_base)
     import torch  # here, so that argument and data errors come without the wait for torch
 
@@ -468,10 +497,12 @@ def eval_main(args) -> int:
     from minissb.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.model)
-    check_adapters_fit(model_dir, targets)
+    check_adapters_fit(model_dir, targets, args.model)
     tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
     out_dir = Path(args.out)
-    dtype, device = torch_dtype(args.dtype), torch_device(args.device)
+    device = torch_device(args.device)
+    dtype_name = resolve_dtype_name(args.dtype, device)
+    dtype = torch_dtype(dtype_name)
     plans = []
     for t in targets:
         for name in datasets:
@@ -483,22 +514,25 @@ def eval_main(args) -> int:
                 "max_new_tokens": args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[name],
                 "seed": args.seed,
             }
+            if system_prompt is not None:  # part of the run's identity only when it is not ours
+                gen["system_prompt"] = system_prompt
             responses, config_path = response_files(out_dir, t.label, name)
-            config = run_config(args.model, t, name, data_files.get(name, args.data_dir), args.dtype, gen)
+            config = run_config(args.model, t, name, data_files.get(name, args.data_dir), dtype_name, gen, data_sha[name])
             check_run_config(responses, config_path, config)
             missing = {p.id for p in problems[name]} - set(read_records(responses))
             plans.append(Plan(t, name, responses, config_path, config, gen, bool(missing)))
 
+    remove_temp_files(out_dir)  # left by a run killed mid-write or stopped by a full disk
     progress = not args.no_progress
     results = []
-    model, generate_fn, pristine = None, None, False
+    model, pristine = None, False
     for t in targets:
         if any(p.todo for p in plans if p.target is t):
             # Each adapter goes onto freshly loaded base weights: unmerging a bf16 merge does not
             # give the base weights back bit for bit (minissb.lora), and reloading is cheap next
             # to generation.
             if model is None or not pristine:
-                model = generate_fn = None  # drop every reference to the old weights before loading new ones
+                model = None  # drop every reference to the old weights before loading new ones
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 model = from_pretrained(model_dir, dtype=dtype, device=device)
@@ -507,13 +541,15 @@ def eval_main(args) -> int:
                 load_adapter(model, t.adapter)
                 merge_lora(model)  # base-model speed: no LoRA branch in the forward pass
                 pristine = False
-            generate_fn = model_generate_fn(model, tokenizer, compile=args.compile)
         for plan in (p for p in plans if p.target is t):
             session = {"new_problems": 0, "new_tokens": 0, "seconds": 0.0}
             if plan.todo:
                 write_json_atomic(plan.config_path, plan.config)
-                session = evaluate_dataset(problems[plan.dataset], tokenizer, generate_fn, plan.responses, plan.gen,
-                                           args.batch_size, progress, desc=f"{t.label} {plan.dataset}")
+                engine = Engine(model, max(args.batch_size, args.samples), eval_max_len(tokenizer, problems[plan.dataset], plan.gen),
+                                stop_ids=tokenizer.stop_ids, tokenizer=tokenizer, cuda_graphs=args.cuda_graphs)
+                session = evaluate_dataset(problems[plan.dataset], tokenizer, engine, plan.responses, plan.gen,
+                                           progress, desc=f"{t.label} {plan.dataset}")
+                del engine  # its KV cache goes before the next model loads
             records = read_records(plan.responses)
             summary = summarize([records[p.id] for p in problems[plan.dataset]])
             tps = session["new_tokens"] / session["seconds"] if session["seconds"] else None
@@ -540,8 +576,8 @@ def eval_main(args) -> int:
     write_json_atomic(out_dir / "results.json", {
         "model": args.model,
         "device": str(device),
-        "dtype": args.dtype,
-        "interval": "95% Wilson score interval over problems",
+        "dtype": dtype_name,
+        "interval": "95% Wilson score interval over problems; paired_vs_base: paired bootstrap 95% interval of the difference",
         "results": results,
     })
     print(f"wrote {out_dir / 'results.json'}")

@@ -4,16 +4,26 @@ Every SSB stage turns on this module: which rollouts are right, which wrong answ
 most common one, whether the teacher's solution is still right, and the accuracy tables.
 
 Read top to bottom:
-  extract  the content of the last \\boxed{...}, else a per-dataset answer phrase
+  extract  the content of the last \\boxed{...} (for a list gold, the boxes that end the
+           response together: "\\boxed{2} and \\boxed{-3}"), else, for a response that
+           ended on its own, a per-dataset answer phrase
   clean    string-level LaTeX cosmetics: $, \\left, \\dfrac, units, degrees, \\%, \\!
   parse    a small recursive-descent LaTeX parser into a tuple AST (no eval, no sympy)
-  compare  structure first (tuple / interval / set / matrix / list / equation), then each
+  answers  the structure around the expressions: tuple / interval / set / matrix / list,
+           labelled values ("(p,q) = (3,2)", "AB = 4", the last side of "x = 5+6 = 11"),
+           inequalities as intervals (either way round), c \\begin{pmatrix}..\\end{pmatrix}
+  compare  structure first, after putting both sides in one shape where they say the same
+           thing ((1,2,3) and a column vector, c\\mathbf{I} and a square matrix), then each
            element: exact rationals in plain Python; anything else must agree to 30 digits
            at three fixed points (mpmath), and then sympy, under a time limit, has the
            last word (it proves the identity or refutes it) where it can run
   group    answer_key (canonical string) and group_answers (equivalence-aware)
 
-Bounded time on any input: extraction is linear and reads only the tail for fallbacks;
+The answer and the gold play one different role: a factored gold asks for the factored form
+(an expanded answer restates "Factor ..."), a factored answer to an expanded gold is right.
+
+Bounded time on any input: extraction is linear, reads only the tail for fallbacks and
+joins at most MAX_JOINED_BOXES boxes, each sought within one answer's length of the next;
 answers longer than MAX_ANSWER_CHARS or nested deeper than MAX_DEPTH are compared as
 strings; powers and factorials are size-checked before any arithmetic; sympy runs only
 under a SIGALRM timer, which exists only in the main thread. Elsewhere (a worker thread,
@@ -69,26 +79,73 @@ _PHRASE_RE = re.compile(r"(?:final answer|the answer)(?:\s+is|\s*[:=])?[\s*:]*([
 _MATH_SPAN_RE = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 
 
-def _last_boxed(text: str) -> tuple[bool, str | None]:
-    """(found, content) of the last \\boxed / \\fbox; content None when it was cut off."""
-    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if i < 0:
-        return False, None
+def _box_start(text: str, lo: int, hi: int) -> int:
+    """Index of the last \\boxed / \\fbox starting in text[lo:hi], or -1."""
+    return max(text.rfind("\\boxed", lo, hi), text.rfind("\\fbox", lo, hi))
+
+
+def _box_at(text: str, i: int, end: int) -> tuple[str | None, int]:
+    """(content, index after it) of the box at text[i], read no further than `end`.
+
+    Content None when the box does not close before `end` (the output stopped inside it).
+    """
     j = i + (6 if text.startswith("\\boxed", i) else 5)
-    while j < len(text) and text[j].isspace() and j < i + 100:
+    while j < end and text[j].isspace() and j < i + 100:
         j += 1
-    if j < len(text) and text[j] == "{":
+    if j < end and text[j] == "{":
         depth = 0
-        for m in _BRACE_RE.finditer(text, j):
+        for m in _BRACE_RE.finditer(text, j, end):
             if m.group() == "{":
                 depth += 1
             elif m.group() == "}":
                 depth -= 1
                 if depth == 0:
-                    return True, text[j + 1 : m.start()].strip()
-        return True, None  # unbalanced: the output stopped inside the box
-    m = re.match(r"[^\s$]+", text[j : j + 200])  # `\boxed 5`
-    return True, (m.group().rstrip(".,;") if m else None)
+                    return text[j + 1 : m.start()].strip(), m.end()
+        return None, end
+    m = re.match(r"[^\s$]+", text[j : min(j + 200, end)])  # `\boxed 5`
+    return (m.group().rstrip(".,;"), j + m.end()) if m else (None, j)
+
+
+# What may stand between boxes that state one answer together: "$\boxed{2}$ and $\boxed{-3}$",
+# "x = \boxed{2} \quad\text{or}\quad x = \boxed{-3}". No newline, no sentence end, no other word.
+_BOX_GAP_RE = re.compile(
+    r"(?:[ \t$,;&~{}]|\\[()\[\],;:! ]|\\\\|\\q?quad|\\text(?:rm)?|\b(?:and|or)\b"
+    r"|[a-zA-Z](?:_\{?\w+\}?)?\s*=)*"
+)
+BOX_GAP_CHARS = 80  # 3x the longest connector above (28 chars)
+MAX_JOINED_BOXES = 10  # the longest list gold in MATH500 has 3 elements
+
+
+def _boxes_before(text: str, i: int) -> list[str]:
+    """Contents of the boxes joined to the box at text[i] by connectors only, in text order.
+
+    Each step looks back at most one answer and one gap: bounded on any input.
+    """
+    out: list[str] = []
+    while len(out) < MAX_JOINED_BOXES - 1:
+        k = _box_start(text, max(0, i - MAX_ANSWER_CHARS - BOX_GAP_CHARS), i)
+        if k < 0:
+            break
+        content, after = _box_at(text, k, i)  # a box around text[i] does not close before i
+        gap = text[after:i]
+        if not content or len(gap) > BOX_GAP_CHARS or not _BOX_GAP_RE.fullmatch(gap):
+            break
+        out.append(content)
+        i = k
+    return out[::-1]
+
+
+def _gold_is_list(gold, dataset: str) -> bool:
+    """Is the gold several values (a solution list, a set, 1 \\pm \\sqrt{19})?"""
+    if not isinstance(gold, str):
+        return False
+    try:
+        gold = _gold_text(gold, dataset)
+        if dataset in ("gsm8k", "aime24") and _number(gold) is not None:
+            return False
+        return _parse_answer(gold)[0] in ("list", "set")
+    except Exception:  # extraction must not fail on an odd gold: treat it as a single answer
+        return False
 
 
 def _phrase_answer(s: str) -> str | None:
@@ -107,23 +164,42 @@ def _phrase_answer(s: str) -> str | None:
     return s or None
 
 
-def extract_answer(text: str, dataset: str, *, fallback: bool = True) -> str | None:
+def extract_answer(
+    text: str,
+    dataset: str,
+    *,
+    fallback: bool = True,
+    finished: bool = True,
+    gold: str | None = None,
+) -> str | None:
     """The final answer written in a model response, or None when there is none.
 
     The content of the LAST \\boxed{...} (also \\fbox{...} and `\\boxed 5`), nested braces
-    allowed. A box that never closes means the response was cut off: None. Without a box,
-    and with fallback=True, the last answer phrase in the response's tail: "#### X"
-    (gsm8k only), "The answer is X", "Final answer: X" (first $...$ span of that line if
-    any). A bare trailing number is NOT taken: in a truncated rollout it is an
-    intermediate value, and counting it would mark unfinished work as correct.
+    allowed. A box that never closes means the response was cut off: None.
+
+    gold: when given and it is several values (a solution list, a set, a \\pm), the boxes
+    that end the response together, joined only by connectors on one line ("$\\boxed{2}$
+    and $\\boxed{-3}$"), are read as one list "2, -3". A single-value gold (or none) reads
+    the last box alone: a rollout that boxes intermediate values is judged by its last.
+
+    Without a box, and only with fallback=True and finished=True, the last answer phrase in
+    the response's tail: "#### X" (gsm8k only), "The answer is X", "Final answer: X" (first
+    $...$ span of that line if any). finished=False says the response was cut off by the
+    token limit: a phrase there may be about a part of the problem, so only a box counts.
+    fallback=False: the last box or nothing. A bare trailing number is never taken: in a
+    truncated rollout it is an intermediate value, and counting it would mark unfinished
+    work as correct.
     """
     _check_dataset(dataset)
     if not isinstance(text, str):
         return None
-    found, content = _last_boxed(text)
-    if found:
+    i = _box_start(text, 0, len(text))
+    if i >= 0:
+        content, _ = _box_at(text, i, len(text))
+        if content and gold is not None and _gold_is_list(gold, dataset):
+            content = ", ".join(_boxes_before(text, i) + [content])
         return content or None
-    if not fallback:
+    if not (fallback and finished):
         return None
     tail = text[-TAIL_CHARS:]
     if dataset == "gsm8k":
@@ -787,29 +863,41 @@ def _sympy_says_equal(a, b) -> bool | None:
 #   ("one", e)  ("list", es) unordered: "1, -2" or 1 \pm \sqrt{19}   ("set", es) \{..\}
 #   ("tup", open, close, es) tuples and intervals, brackets matter   ("union", parts)
 #   ("mat", rows)
-# and an element is ("x", ast) | ("eq", lhs, rhs, var or None) | ("text", words)
+# and an element is ("x", ast) | ("eq", lhs, rhs, label or None) | ("text", words)
 #   | ("mc", letter) | ("base", digits, base) | ("raw", squashed string)
+# A labelled element ("eq", ("sym", "x"), 5, "x") is "x = 5": the name of what was asked
+# for and its value; an unlabelled "eq" is an equation such as 5x - 7y + 4 = 0.
 
-_VAR_RE = re.compile(r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?")
+_LABEL_RE = re.compile(
+    r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?"  # x, a_1, a_{10}, f(x)
+    r"|[A-Z]{2,3}|\\overline\{[A-Z]{2}\}|(?:m\s*)?\\angle\s*[A-Z]{1,3}"  # AB = 4, \angle ABC = 30
+    rf"|\\(?:{'|'.join(sorted(_GREEK))})"  # \theta = \frac{\pi}{4}
+)
 _INEQ = {"<": ("(", ")"), "\\leq": ("[", "]"), ">": ("(", ")"), "\\geq": ("[", "]")}
 _INEQ_OPS = r"(<|>|\\leq|\\geq)"
+_FLIP = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
 _MATRIX_RE = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.S)
 
 
 def _parse_elem(s: str):
     s = s.strip()
     parts = _split_top(s, "=")
-    if len(parts) == 2:
-        lhs, rhs = parts[0].strip(), parts[1].strip()
-        right = _parse_expr(rhs)
-        if _VAR_RE.fullmatch(lhs) and right is not None:
-            return ("eq", ("sym", lhs), right, lhs)
-        left = _parse_expr(lhs)
-        if left is not None and right is not None:
-            return ("eq", left, right, None)
+    if len(parts) == 1:
+        ast = _parse_expr(s)
+        return ("x", ast) if ast is not None else ("raw", _squash(s))
+    # "x = 5+5+1 = 11": a chain states its value last; the first side names it.
+    lhs, rhs = parts[0].strip(), parts[-1].strip()
+    right = _parse_expr(rhs)
+    if right is None:
         return ("raw", _squash(s))
-    ast = _parse_expr(s) if len(parts) == 1 else None
-    return ("x", ast) if ast is not None else ("raw", _squash(s))
+    if _LABEL_RE.fullmatch(lhs):
+        return ("eq", ("sym", lhs), right, lhs)
+    left = _parse_expr(lhs)
+    if left is None:
+        return ("raw", _squash(s))
+    if len(parts) == 2 and (_symbols(left) or _symbols(right)):
+        return ("eq", left, right, None)
+    return ("x", right)  # a computation, "5 + 6 = 11", or a chain "x + y = 2 + 3 = 5"
 
 
 def _expand_pm(s: str) -> list[str]:
@@ -825,17 +913,71 @@ def _parse_elems(parts: list[str]) -> tuple:
     return tuple(_parse_elem(p) for part in parts for p in _expand_pm(part))
 
 
+def _interval(var_op: str, bound: str) -> str:
+    """The interval of `x op bound`."""
+    if var_op in ("<", "\\leq"):
+        return f"(-\\infty,{bound}{_INEQ[var_op][1]}"
+    return f"{_INEQ[var_op][0]}{bound},\\infty)"
+
+
 def _inequality_to_interval(s: str) -> str:
     m = re.fullmatch(rf"([a-zA-Z])\s*{_INEQ_OPS}\s*(.+)", s)
     if m and "<" not in m.group(3) and "\\leq" not in m.group(3):
-        op, bound = m.group(2), m.group(3)
-        if op in ("<", "\\leq"):
-            return f"(-\\infty,{bound}{_INEQ[op][1]}"
-        return f"{_INEQ[op][0]}{bound},\\infty)"
+        return _interval(m.group(2), m.group(3))
+    m = re.fullmatch(rf"(.+?)\s*{_INEQ_OPS}\s*([a-zA-Z])", s)  # 5 \geq x is x \leq 5
+    if m and not re.search(r"<|>|\\[lg]eq", m.group(1)):
+        return _interval(_FLIP[m.group(2)], m.group(1))
     m = re.fullmatch(r"(.+?)\s*(<|\\leq)\s*([a-zA-Z])\s*(<|\\leq)\s*(.+)", s)
     if m:
         return f"{_INEQ[m.group(2)][0]}{m.group(1)},{m.group(5)}{_INEQ[m.group(4)][1]}"
+    m = re.fullmatch(r"(.+?)\s*(>|\\geq)\s*([a-zA-Z])\s*(>|\\geq)\s*(.+)", s)  # 7 > x \geq -2
+    if m:
+        return f"{_INEQ[m.group(4)][0]}{m.group(5)},{m.group(1)}{_INEQ[m.group(2)][1]}"
     return s
+
+
+def _parse_matrix(body: str):
+    rows = [r for r in re.split(r"\\\\", body) if r.strip()]
+    cells = tuple(tuple(_parse_elem(c) for c in r.split("&")) for r in rows)
+    if cells and len({len(r) for r in cells}) == 1:
+        return ("mat", cells)
+    return None
+
+
+def _scaled_matrix(s: str):
+    """c \\begin{pmatrix}..\\end{pmatrix} (2, -, \\frac12 \\cdot): the product, cell by cell."""
+    k = s.find("\\begin{")
+    m = _MATRIX_RE.fullmatch(s, k) if k > 0 else None
+    if not m:
+        return None
+    prefix = re.sub(r"(?:\\cdot|\\times|\*)\s*$", "", s[:k].strip()).strip()
+    coef = {"-": _MINUS_ONE, "+": ("num", Fraction(1))}.get(prefix) or _parse_expr(prefix)
+    mat = _parse_matrix(m.group(2))
+    if coef is None or mat is None or any(c[0] != "x" for row in mat[1] for c in row):
+        return None
+    return ("mat", tuple(tuple(("x", ("mul", (coef, c[1]))) for c in row) for row in mat[1]))
+
+
+def _labelled(s: str):
+    """(p,q) = (3,2): the tuple, each value labelled; \\mathbf{v} = <matrix, set, tuple>: it.
+
+    None when `s` is not one labelled structure (x = 5 is an element; x = 1, y = 2 a list).
+    """
+    parts = _split_top(s, "=")
+    if len(parts) < 2 or len(_split_top(s, ",")) > 1:
+        return None
+    lhs, rhs = parts[0].strip(), parts[-1].strip()
+    names = [n.strip() for n in lhs[1:-1].split(",")] if lhs[:1] == "(" and lhs[-1:] == ")" else []
+    if len(names) > 1 and all(_LABEL_RE.fullmatch(n) for n in names):
+        st = _parse_structure(rhs)
+        if st[0] != "tup" or len(st[3]) != len(names):
+            return None
+        elems = [("eq", ("sym", n), e[1], n) if e[0] == "x" else e for n, e in zip(names, st[3])]
+        return ("tup", st[1], st[2], tuple(elems))
+    if _LABEL_RE.fullmatch(lhs):
+        st = _parse_structure(rhs)
+        return st if st[0] != "one" else None
+    return None
 
 
 def _parse_structure(s: str):
@@ -844,11 +986,10 @@ def _parse_structure(s: str):
         return ("one", ("raw", ""))
     m = _MATRIX_RE.fullmatch(s)
     if m:
-        rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
-        cells = tuple(tuple(_parse_elem(c) for c in r.split("&")) for r in rows)
-        if cells and len({len(r) for r in cells}) == 1:
-            return ("mat", cells)
-        return ("one", ("raw", _squash(s)))
+        return _parse_matrix(m.group(2)) or ("one", ("raw", _squash(s)))
+    st = _scaled_matrix(s) or _labelled(s)
+    if st:
+        return st
     if s.startswith("\\{") and s.endswith("\\}") and _wraps_whole(s, 1):
         return ("set", _parse_elems(_split_top(s[2:-2], ",")))
     parts = _split_top(s, "\\cup")
@@ -904,18 +1045,72 @@ def _unordered_equal(ps, gs, equal) -> bool:
     return True
 
 
+def _by_label(ps, gs) -> bool | None:
+    """a = 1, b = 2 against b = 2, a = 1: values matched by name, whatever the order.
+
+    Only when both sides name every value with the same distinct names; otherwise None and
+    the values are compared by position (tuples) or unordered (lists): "x = 1, x = -2"
+    names no value apart, and a bare gold "4, 5" says nothing about which is which.
+    """
+    names = {e[3] if e[0] == "eq" else None for e in ps}
+    if None in names or len(names) != len(ps) or len(gs) != len(ps):
+        return None
+    if {e[3] if e[0] == "eq" else None for e in gs} != names:
+        return None
+    by_name = {e[3]: e[2] for e in gs}
+    return all(_expr_equal(e[2], by_name[e[3]]) for e in ps)
+
+
+def _identity(e, n: int):
+    """The n x n matrix c*I of an element c\\mathbf{I} (I, -I, 2I, I_n), else None."""
+    if e[0] != "x":
+        return None
+    node, signs = e[1], []
+    while node[0] == "neg":
+        node, signs = node[1], signs + [_MINUS_ONE]
+    factors = node[1] if node[0] == "mul" else (node,)
+    ids = [k for k, f in enumerate(factors) if f[0] == "sym" and f[1] in ("I", f"I_{n}")]
+    others = [f for k, f in enumerate(factors) if k not in ids]
+    if len(ids) != 1 or any(_symbols(f) for f in others):
+        return None
+    c = ("mul", (("num", Fraction(1)), *signs, *others))
+    zero = ("num", Fraction(0))
+    return ("mat", tuple(tuple(("x", c if i == j else zero) for j in range(n)) for i in range(n)))
+
+
+def _same_shape(p, g):
+    """(p, g) with one side rewritten in the other's form where both say the same thing.
+
+    A tuple (1,2,3) is the column vector of its entries (not a row: the two shapes differ
+    in MATH), c\\mathbf{I} the square matrix of the other side's size.
+    """
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        if b[0] != "mat":
+            continue
+        rows, new = b[1], None
+        if a[0] == "tup" and a[1:3] == ("(", ")") and len(rows) == len(a[3]) > 1:
+            if all(len(r) == 1 for r in rows):
+                new = ("mat", tuple((e,) for e in a[3]))
+        elif a[0] == "one" and all(len(r) == len(rows) for r in rows):
+            new = _identity(a[1], len(rows))
+        if new is not None:
+            return (b, new) if swap else (new, b)
+    return p, g
+
+
 def _structure_equal(p, g) -> bool:
+    p, g = _same_shape(p, g)
     kp, kg = p[0], g[0]
     if kp == "one" and kg == "one":
         return _elem_equal(p[1], g[1])
     if kp in ("list", "set") and kg in ("list", "set"):
-        return _unordered_equal(p[1], g[1], _elem_equal)
+        named = _by_label(p[1], g[1])
+        return named if named is not None else _unordered_equal(p[1], g[1], _elem_equal)
     if kp == "tup" and kg == "tup":
-        return (
-            p[1:3] == g[1:3]
-            and len(p[3]) == len(g[3])
-            and all(_elem_equal(x, y) for x, y in zip(p[3], g[3]))
-        )
+        if p[1:3] != g[1:3] or len(p[3]) != len(g[3]):
+            return False
+        named = _by_label(p[3], g[3])
+        return named if named is not None else all(map(_elem_equal, p[3], g[3]))
     if kp == "union" and kg == "union":
         return _unordered_equal(p[1], g[1], _structure_equal)
     if kp == "mat" and kg == "mat":
@@ -953,8 +1148,8 @@ def _expr_equal(a, b) -> bool:
     if qa is not None and qb is not None:
         return qa == qb
     names = _symbols(a)
-    if names != _symbols(b) or _factored(a) != _factored(b):
-        return False
+    if names != _symbols(b) or (_factored(b) and not _factored(a)):
+        return False  # a is the answer, b the gold: see _factored
     names = tuple(sorted(names))
     va, vb = _values(a, names), _values(b, names)
     if va is None or vb is None:
@@ -973,8 +1168,13 @@ def _expr_equal(a, b) -> bool:
 def _factored(node) -> bool:
     """A product of polynomial factors, one a sum: (a+5)(b+2), 3(x-1)^2.
 
-    Such an answer and its expansion are different answers: MATH asks for one form
-    ("Factor ab+5b+2a+10") and the other form is the question restated.
+    A factored gold means the question asked for the factorization ("Factor ab+5b+2a+10"):
+    the expanded form is the question restated, and is wrong. The other way round a
+    factored answer is the same polynomial as an expanded gold, and is right: "Find the
+    quotient when x^6 - 3 is divided by x + 1" asks for a polynomial, not a form, so
+    (x-1)(x^4+x^2+1) answers it. (For an "Expand ..." question this accepts the question
+    restated, as the value test already does for any unexpanded sum: a checker that sees
+    only the two answers cannot tell these questions apart.)
     """
     while node[0] == "neg":
         node = node[1]
@@ -1046,6 +1246,12 @@ def is_equivalent(pred: str | None, gold: str, dataset: str) -> bool:
     math500: LaTeX answers compared by structure (tuple/interval brackets, sets, unordered
     solution lists, \\pm, matrices, equations, "y = ..." vs the bare right side) and per
     element by value: exact for rationals, otherwise numeric at three points plus sympy.
+    Also: (1,2,3) for a column vector, 2\\begin{pmatrix}1\\\\2\\end{pmatrix} for its product,
+    \\mathbf{I} / -\\mathbf{I} for a square matrix, labelled values "(p,q) = (3,2)" and
+    "AB = 4, CD = 5" against the bare values (matched by name when both sides name them),
+    inequalities either way round (5 \\geq x), the last side of a chain "x = 5+6 = 11".
+    Not symmetric in one rule: a factored `pred` is right for an expanded `gold` of the same
+    value, an expanded `pred` is wrong for a factored `gold` (see _factored).
     """
     _check_dataset(dataset)
     if not isinstance(pred, str) or not isinstance(gold, str):
@@ -1063,9 +1269,14 @@ def is_equivalent(pred: str | None, gold: str, dataset: str) -> bool:
         return False
 
 
-def grade(response_text: str, gold: str, dataset: str) -> bool:
-    """Is the final answer of a model response correct? (extract_answer + is_equivalent)"""
-    return is_equivalent(extract_answer(response_text, dataset), gold, dataset)
+def grade(response_text: str, gold: str, dataset: str, *, finished: bool = True) -> bool:
+    """Is the final answer of a model response correct? (extract_answer + is_equivalent)
+
+    finished=False: the response was cut off by the token limit; it scores only through a
+    closed \\boxed{} (see extract_answer).
+    """
+    answer = extract_answer(response_text, dataset, finished=finished, gold=gold)
+    return is_equivalent(answer, gold, dataset)
 
 
 def _fmt(v) -> str:
@@ -1118,6 +1329,8 @@ def _structure_key(st) -> str:
         return st[1] + "|".join(_elem_key(e) for e in st[3]) + st[2]
     if tag == "union":
         return "U(" + "|".join(sorted(_structure_key(p) for p in st[1])) + ")"
+    if len(st[1]) > 1 and all(len(row) == 1 for row in st[1]):  # a column vector keys as (1,2,3)
+        return "(" + "|".join(_elem_key(row[0]) for row in st[1]) + ")"
     return "M[" + "//".join("|".join(_elem_key(e) for e in row) for row in st[1]) + "]"
 
 
@@ -1127,7 +1340,9 @@ def answer_key(answer: str | None, dataset: str) -> str:
     Exact rationals key by value ("q:1080"), other expressions by their 12-digit values at
     the test points, structures by their parts (sorted where order does not matter). Keys
     agree with is_equivalent except in rare cross-notation cases (52 vs 52_8, a rational
-    written as sin(pi/6)); group_answers uses is_equivalent itself. None -> "".
+    written as sin(pi/6), \\mathbf{I} vs its matrix, a factored answer vs an expanded one,
+    names: "a=1, b=2" and "a=2, b=1" share a key); group_answers uses is_equivalent
+    itself. A column vector keys like the tuple of its entries. None -> "".
     """
     _check_dataset(dataset)
     if not isinstance(answer, str):

@@ -28,13 +28,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minissb.data import atomic_write, remove_temp_files
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NEVER_WRAPPED = ("lm_head", "embed_tokens")  # tied to each other in Qwen2.5; LoRA here is out of scope
@@ -53,6 +55,10 @@ UNSUPPORTED_FIELDS = (
 
 class LoRAError(ValueError):
     """LoRA could not be applied, saved or loaded; the message says what to fix."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """An adapter's config names another base model than the one it is loaded into (the shapes fit)."""
 
 
 class LoRALinear(nn.Module):
@@ -221,25 +227,13 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- PEFT files
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None) -> None:
     """Write adapter_model.safetensors + adapter_config.json in the PEFT layout.
 
     base_model is recorded as base_model_name_or_path (e.g. "Qwen/Qwen2.5-3B-Instruct").
     Each file is replaced atomically, weights first, so a reader never sees a torn file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     modules = _require_lora(model)
     first = modules[0][1]
@@ -274,8 +268,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    remove_temp_files(out)  # left by a save that was killed or ran out of disk
+    # Serialised here and written by Python, so a full disk is an OSError naming the file, not a SafetensorError.
+    data = save(tensors, metadata={"format": "pt"})
+    atomic_write(out / WEIGHTS_FILE, lambda p: Path(p).write_bytes(data))
+    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def _read_config(adapter_dir: Path) -> dict:
@@ -285,9 +282,11 @@ def _read_config(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise LoRAError(f"{adapter_dir} has no {CONFIG_FILE}: is it a PEFT adapter directory?")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoRAError(f"{path}: not valid JSON ({e})") from None
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoRAError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{path}: expected a JSON object, got a {type(config).__name__}; re-save the adapter")
     if config.get("peft_type") != "LORA":
         raise LoRAError(f"{path}: peft_type is {config.get('peft_type')!r}; minissb loads only LORA adapters")
     for key in UNSUPPORTED_FIELDS:
@@ -298,23 +297,79 @@ def _read_config(adapter_dir: Path) -> dict:
     r = config.get("r")
     if not isinstance(r, int) or r < 1:
         raise LoRAError(f"{path}: r must be a positive integer, got {r!r}")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise LoRAError(f"{path}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoRAError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise LoRAError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise LoRAError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise LoRAError(f"{path}: base_model_name_or_path must be a string, got {base!r}")
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise LoRAError(f"{path}: target_modules must be a list of module names, got {targets!r}")
     return config
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+def _model_name(name_or_path: str) -> str:
+    """What two spellings of one model share: the last path part (Qwen/Qwen2.5-3B-Instruct and
+    /models/Qwen2.5-3B-Instruct are the same model), lower-cased."""
+    return str(name_or_path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def _check_base_model(adapter_dir: Path, config: dict, base_model: str | os.PathLike) -> None:
+    """Warn (BaseModelMismatchWarning) when the adapter's config names another base model than
+    `base_model`; the shapes may still fit, e.g. another fine-tune of the same architecture."""
+    named = config.get("base_model_name_or_path")
+    if named and _model_name(named) != _model_name(base_model):
+        warnings.warn(f"{adapter_dir} was trained on base model {named}, but is loaded into {base_model}: "
+                      "the shapes fit, so it loads; check that this is the model you meant",
+                      BaseModelMismatchWarning, stacklevel=3)
+
+
+def _read_lora_tensors(weights: Path, expected: dict, model: nn.Module, r: int, config: dict) -> dict[str, torch.Tensor]:
+    """The A and B tensors of `weights`, each checked against the layer it goes into."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            missing = sorted(expected.keys() - keys)
+            unexpected = sorted(keys - expected.keys())
+            if missing:
+                raise LoRAError(f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+            if unexpected:
+                raise LoRAError(f"{weights}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all; "
+                                f"target_modules is {config['target_modules']})")
+            for key, (name, ab) in expected.items():
+                t = f.get_tensor(key)
+                base = model.get_submodule(name)
+                want = (r, base.in_features) if ab == "A" else (base.out_features, r)
+                got = tuple(t.shape)
+                if got != want:
+                    rank_dim = 0 if ab == "A" else 1
+                    if t.ndim == 2 and got[rank_dim] != r:
+                        raise LoRAError(f"{weights}: {key} has rank {got[rank_dim]} but {CONFIG_FILE} says r={r}")
+                    raise LoRAError(f"{weights}: {key} has shape {got}, this model's {name} needs {want}: "
+                                    "was the adapter trained on a different base model?")
+                tensors[key] = t
+    except SafetensorError as e:  # truncated, random bytes, not safetensors at all
+        raise LoRAError(f"{weights}: not a readable safetensors file ({e}); save or copy the adapter again") from None
+    return tensors
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_model: str | os.PathLike | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter (from minissb, PEFT or elsewhere) into `model`.
 
     A model without LoRA gets it applied from adapter_config.json; a model that has it must
     match the file's rank, scaling and target layers. Everything is checked before the model
-    is touched, so a bad file leaves the model as it was.
+    is touched, so a bad file leaves the model as it was. With base_model (the model's name
+    or path), an adapter whose config names another base model loads with a warning.
     """
-    from safetensors import safe_open
-
     adapter_dir = Path(adapter_dir)
     config = _read_config(adapter_dir)
     weights = adapter_dir / WEIGHTS_FILE
@@ -339,29 +394,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         if any(m.merged for m in existing.values()):
             raise LoRAError("load_adapter() into a merged model: call unmerge_lora(model) first")
 
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(weights, framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": (n, ab) for n in names for ab in "AB"}
-        missing = sorted(expected.keys() - keys)
-        unexpected = sorted(keys - expected.keys())
-        if missing:
-            raise LoRAError(f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
-        if unexpected:
-            raise LoRAError(f"{weights}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all; "
-                            f"target_modules is {config['target_modules']})")
-        for key, (name, ab) in expected.items():
-            t = f.get_tensor(key)
-            base = model.get_submodule(name)
-            want = (r, base.in_features) if ab == "A" else (base.out_features, r)
-            got = tuple(t.shape)
-            if got != want:
-                rank_dim = 0 if ab == "A" else 1
-                if t.ndim == 2 and got[rank_dim] != r:
-                    raise LoRAError(f"{weights}: {key} has rank {got[rank_dim]} but {CONFIG_FILE} says r={r}")
-                raise LoRAError(f"{weights}: {key} has shape {got}, this model's {name} needs {want}: "
-                                "was the adapter trained on a different base model?")
-            tensors[key] = t
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": (n, ab) for n in names for ab in "AB"}
+    tensors = _read_lora_tensors(weights, expected, model, r, config)
+    if base_model is not None:
+        _check_base_model(adapter_dir, config, base_model)
 
     if not existing:
         apply_lora(model, r, alpha, dropout, config["target_modules"], use_rslora)
@@ -383,4 +419,5 @@ __all__ = [
     "unmerge_lora",
     "save_adapter",
     "load_adapter",
+    "BaseModelMismatchWarning",
 ]

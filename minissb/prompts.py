@@ -3,9 +3,17 @@
 The student sees the system prompt and the bare question, at sampling, training and evaluation
 alike: training on one prompt format and testing on another would measure the format, not the
 method. Only the teacher sees the hinted prompt with the two earlier attempts.
+
+Our prompts are below. Another set (e.g. the original SSB code's, which are its authors' words
+and not ours to ship: README, "minissb vs the original") comes from files: a system prompt, and
+a teacher prompt with the placeholders {question}, {correct}, {wrong} and optionally {gold}.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
 
 SYSTEM_PROMPT = (
     "You are a patient math tutor. Solve the problem step by step, explaining the reasoning "
@@ -40,9 +48,44 @@ LABEL_GOLD = "Right final answer:"
 LABEL_TASK = "Now write your own solution to this problem, without mentioning the attempts:"
 
 
-def student_chat(question: str) -> list[dict]:
-    """The chat a student (and any evaluated model) sees: system prompt + bare question."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question.strip()}]
+def student_chat(question: str, system: str | None = None) -> list[dict]:
+    """The chat a student (and any evaluated model) sees: system prompt + bare question.
+    system: another system prompt (e.g. one read with --system-prompt-file); None = ours."""
+    return [{"role": "system", "content": SYSTEM_PROMPT if system is None else system}, {"role": "user", "content": question.strip()}]
+
+
+# ----------------------------------------------------------------------------- prompt files
+
+# A teacher prompt file is the whole user turn, with these named placeholders filled in; any
+# other text, braces included (\boxed{}), is kept as written.
+PLACEHOLDERS = ("question", "correct", "wrong", "gold")
+REQUIRED_PLACEHOLDERS = ("question", "correct", "wrong")
+_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
+class PromptFileError(ValueError):
+    """A prompt file cannot be used; the message says what to fix."""
+
+
+def read_prompt_file(path: str | os.PathLike, teacher: bool) -> str:
+    """The text of a --system-prompt-file or --teacher-prompt-file, checked."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path}: cannot read the prompt file ({e.__class__.__name__}: {e})") from None
+    if not text.strip():
+        raise PromptFileError(f"{path}: the prompt file is empty")
+    if teacher:
+        missing = [p for p in REQUIRED_PLACEHOLDERS if "{" + p + "}" not in text]
+        if missing:
+            raise PromptFileError(f"{path}: the teacher prompt has no {{{missing[0]}}} placeholder "
+                                  f"(it needs {{question}}, {{correct}} and {{wrong}}; {{gold}} is optional)")
+    return text
+
+
+def fill_template(template: str, **values: str) -> str:
+    """Replace {question}, {correct}, {wrong}, {gold} in one pass (a value's own braces stay as they are)."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1)) or "", template)
 
 
 def teacher_chat(
@@ -52,12 +95,19 @@ def teacher_chat(
     *,
     wrong_first: bool = False,
     gold: str | None = None,
+    system: str | None = None,
+    template: str | None = None,
 ) -> list[dict]:
     """The hinted chat the teacher answers.
 
     The paper shows the correct response first; `wrong_first` swaps the two. `gold`, when given,
-    also states the right final answer.
+    also states the right final answer. template: a prompt file's text instead of our layout,
+    filled as written (its order of sections is its own; wrong_first does not apply).
     """
+    system = SYSTEM_PROMPT if system is None else system
+    if template is not None:
+        user = fill_template(template, question=question.strip(), correct=correct_response, wrong=wrong_response, gold=gold)
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
     question = question.strip()
     correct = f"{LABEL_CORRECT}\n{correct_response.strip()}"
     wrong = f"{LABEL_WRONG}\n{wrong_response.strip()}"
@@ -66,4 +116,4 @@ def teacher_chat(
     if gold is not None:
         parts.append(f"{LABEL_GOLD} {gold}")
     parts.append(f"{LABEL_TASK}\n{question}")
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]

@@ -1,6 +1,6 @@
 """SSB stage 1: rollouts -> a correct and a wrong attempt -> hinted teacher solution -> checked pair.
 
-For each training problem, in data order and many problems per batch:
+For each training problem, in data order, many problems in flight at once:
 
 1. sample K rollouts of the student chat (system prompt + bare question);
 2. grade them; a problem needs at least one correct and one wrong answer, otherwise it is
@@ -12,8 +12,14 @@ For each training problem, in data order and many problems per batch:
 5. keep the pair if the solution's answer is right and it passes the quality gates
    (minissb.gates: truncated, leak, copy); otherwise record why it was skipped.
 
-Generation is a function passed in (`GenerateFn`), so the stage logic is tested with a
-scripted generator that returns chosen texts; `model_generate_fn` wraps minissb.generate.
+Problems stream through minissb.engine: a problem's rollouts are graded the moment its K
+samples are done and its teacher request goes ahead of new rollouts, so the pool never
+waits for a batch. Each problem's samples are seeded by (run seed, problem id) alone, so a
+restarted run, or one with another pool size, writes the same records. The engine is passed
+in, so the stage logic is tested with a scripted engine that returns chosen texts.
+
+Captured targets: with capture_targets, the teacher's request also returns its final hidden
+states, and a kept pair's rows are stored (minissb.targets) before its line is written.
 
 Crash safety. Every finished problem gets exactly one line, in the pairs file or in the
 skipped file, appended and fsynced as soon as it is decided (skips right after grading,
@@ -34,10 +40,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
+
+import torch
 
 from minissb import gates, grader, prompts
 from minissb.data import Problem, append_jsonl, config_differences, read_jsonl, write_json_atomic
+from minissb.engine import Request
+from minissb.targets import CapturedTargets
 
 
 class SSBError(ValueError):
@@ -48,9 +58,6 @@ class SSBError(ValueError):
 ROLLOUT_SKIPS = ("all_correct", "all_wrong", "no_answer")
 TEACHER_SKIPS = ("teacher_wrong", *gates.GATES)
 
-# generate_fn(prompts, *, num_samples, temperature, top_k, max_new_tokens, seed) -> completions,
-# prompt-major (row i*num_samples + j), each with .token_ids, .finish_reason ("stop" | "length").
-GenerateFn = Callable[..., list]
 
 
 @dataclass
@@ -58,6 +65,8 @@ class Stage1Options:
     num_rollouts: int = 4  # K, paper: 4
     rollout_temperature: float = 0.8  # paper: 0.8
     top_k: int | None = 50  # paper: 50, for rollouts and teacher alike
+    top_p: float | None = None  # off; the original inherits 0.8 from Qwen2.5's generation_config.json
+    repetition_penalty: float = 1.0  # off; the original inherits 1.05 the same way
     teacher_temperature: float = 0.4  # paper: 0.4
     max_new_tokens: int = 1024  # rollouts; GSM8K solutions of Qwen2.5 are ~150-400 tokens
     teacher_max_new_tokens: int = 1024
@@ -65,9 +74,15 @@ class Stage1Options:
     hint_gold: bool = False  # also state the gold answer in the teacher prompt
     copy_threshold: float = gates.COPY_THRESHOLD
     seed: int = 0
+    answer_rule: str = "meaning"  # "meaning" (minissb.grader) or "exact" (the boxed string equals the gold string: the original)
+    gates: bool = True  # the quality gates (truncated, leak, copy) decide too; the original has none
+    system_prompt: str | None = None  # None: prompts.SYSTEM_PROMPT; else a --system-prompt-file's text
+    teacher_template: str | None = None  # None: our hinted layout; else a --teacher-prompt-file's text
+    capture_targets: bool = True  # store the teacher's hidden states for every kept pair (train.py --teacher captured)
+    targets_dtype: str | None = None  # None: the dtype the teacher ran in; "bfloat16" halves the files
     # Not part of the run identity: these may change between restarts.
     num_pairs: int = 256  # stop after this many kept pairs (paper: 256)
-    batch_size: int = 16  # problems per generation batch (x K rollout rows)
+    batch_size: int = 64  # the engine's slots: sequences decoded together
     keep_rollouts: bool = False  # also store every rollout's text in the records
 
     def validate(self) -> None:
@@ -78,9 +93,17 @@ class Stage1Options:
                 raise SSBError(f"--{name.replace('_', '-')} must be >= 0 (0 = greedy), got {getattr(self, name)}")
         if self.top_k is not None and self.top_k < 1:
             raise SSBError(f"--top-k must be >= 1 (or 0 for no top-k filter), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SSBError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise SSBError(f"--repetition-penalty must be finite and > 0 (1 = off), got {self.repetition_penalty}")
+        if self.batch_size < self.num_rollouts:
+            raise SSBError(f"--batch-size {self.batch_size} (engine slots) must be at least --k {self.num_rollouts}")
         for name in ("max_new_tokens", "teacher_max_new_tokens", "num_pairs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SSBError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.answer_rule not in ("meaning", "exact"):
+            raise SSBError(f"--answer-rule must be meaning or exact, got {self.answer_rule!r}")
         if self.hint_order not in ("correct-first", "wrong-first"):
             raise SSBError(f"--hint-order must be correct-first or wrong-first, got {self.hint_order!r}")
         if not 0 < self.copy_threshold <= 1:
@@ -130,10 +153,23 @@ class Selection:
         }
 
 
-def grade_rollouts(texts: Sequence[str], gold: str, dataset: str) -> tuple[list[str | None], list[bool]]:
-    """Extracted answers (None = no answer) and correctness of each rollout."""
-    answers = [grader.extract_answer(t, dataset) for t in texts]
-    correct = [a is not None and grader.is_equivalent(a, gold, dataset) for a in answers]
+def is_right(answer: str | None, gold: str, dataset: str, rule: str = "meaning") -> bool:
+    """Stage 1's one definition of a right answer: equal by meaning (minissb.grader), or, with
+    rule "exact", the boxed string equal to the gold string (the original code's rule)."""
+    if answer is None:
+        return False
+    return answer == gold.strip() if rule == "exact" else grader.is_equivalent(answer, gold, dataset)
+
+
+def grade_rollouts(texts: Sequence[str], gold: str, dataset: str, rule: str = "meaning") -> tuple[list[str | None], list[bool]]:
+    """Extracted answers (None = no answer) and correctness of each rollout.
+
+    Only the last \\boxed{} counts (as in the original code): an answer phrase is not taken,
+    since a cut-off "...the answer depends on the number of" would become a wrong answer,
+    turn an all-correct problem into a mixed one and be shown to the teacher as the common
+    mistake."""
+    answers = [grader.extract_answer(t, dataset, fallback=False) for t in texts]
+    correct = [is_right(a, gold, dataset, rule) for a in answers]
     return answers, correct
 
 
@@ -143,6 +179,7 @@ def select_pair(
     dataset: str,
     rng: random.Random,
     finished: Sequence[bool] | None = None,
+    rule: str = "meaning",
 ) -> Selection:
     """Pick one correct rollout and one carrying the most common wrong answer.
 
@@ -165,7 +202,8 @@ def select_pair(
 
     groups: dict[str, list[int]] = {}
     for i in wrong:
-        groups.setdefault(grader.answer_key(answers[i], dataset), []).append(i)
+        key = answers[i] if rule == "exact" else grader.answer_key(answers[i], dataset)  # exact: "18.00" is not "18"
+        groups.setdefault(key, []).append(i)
     top = max(len(g) for g in groups.values())
     tied = sorted(key for key, g in groups.items() if len(g) == top)  # sorted: the draw depends on rng only
     wrong_group = groups[rng.choice(tied)]
@@ -185,12 +223,6 @@ def problem_rng(seed: int, problem_id: str) -> random.Random:
     return random.Random(f"{seed}:{problem_id}")
 
 
-def batch_seed(seed: int, tag: str, ids: Sequence[str]) -> int:
-    """Sampling seed for one generation call, derived from the run seed and the problems in it."""
-    digest = hashlib.sha256(f"{seed}:{tag}:{','.join(ids)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def build_teacher_chat(problem: Problem, correct_text: str, wrong_text: str, opts: Stage1Options) -> list[dict]:
     return prompts.teacher_chat(
         problem.question,
@@ -198,6 +230,8 @@ def build_teacher_chat(problem: Problem, correct_text: str, wrong_text: str, opt
         wrong_text,
         wrong_first=opts.hint_order == "wrong-first",
         gold=problem.gold if opts.hint_gold else None,
+        system=opts.system_prompt,
+        template=opts.teacher_template,
     )
 
 
@@ -209,12 +243,14 @@ def judge_teacher(
     The answer check comes first; the gates run on every solution (so their firing rates are
     measured on all teacher outputs) and decide only for solutions with the right answer.
     """
-    answer = grader.extract_answer(solution, problem.dataset)
-    right = answer is not None and grader.is_equivalent(answer, problem.gold, problem.dataset)
+    answer = grader.extract_answer(solution, problem.dataset, fallback=False)  # boxed only, as for rollouts
+    right = is_right(answer, problem.gold, problem.dataset, opts.answer_rule)
     references = {"correct": correct_text, "wrong": wrong_text, "prompt": teacher_chat[-1]["content"]}
     result = gates.check_solution(solution, finish_reason, problem.question, references, opts.copy_threshold)
     if not right:
         return "teacher_wrong", answer, result
+    if not opts.gates:  # measured and recorded all the same, but they do not decide
+        return None, answer, result
     return (result.fired[0] if result.fired else None), answer, result
 
 
@@ -302,6 +338,8 @@ class RunStats:
         self.rollout_tokens = int(prev.get("rollout_tokens", 0))
         self.teacher_tokens = int(prev.get("teacher_tokens", 0))
         self.generation_seconds = float(prev.get("generation_seconds", 0.0))
+        self.target_bytes = int(prev.get("target_bytes", 0))
+        self.target_rows = int(prev.get("target_rows", 0))
         self.sessions = int(prev.get("sessions", 0)) + 1
 
     def to_dict(self) -> dict:
@@ -317,6 +355,8 @@ class RunStats:
             "tokens_generated": tokens,
             "generation_seconds": round(self.generation_seconds, 2),
             "tokens_per_s": round(tokens / self.generation_seconds, 1) if self.generation_seconds else 0.0,
+            "target_bytes": self.target_bytes,
+            "target_rows": self.target_rows,
             "sessions": self.sessions,
         }
 
@@ -324,40 +364,109 @@ class RunStats:
 def format_summary(summary: dict) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
     fired = ", ".join(f"{k} {v}" for k, v in summary["gates_fired"].items())
-    return "\n".join(
-        [
-            f"problems seen:     {summary['problems_seen']}",
-            f"pairs kept:        {summary['pairs_kept']}",
-            f"skipped:           {skipped}",
-            f"teacher solutions: {summary['teacher_solutions']} (gates fired on them: {fired})",
-            f"tokens generated:  {summary['tokens_generated']} ({summary['rollout_tokens']} rollouts, "
-            f"{summary['teacher_tokens']} teacher) in {summary['generation_seconds']:.1f} s = "
-            f"{summary['tokens_per_s']:.1f} tokens/s",
-        ]
-    )
+    lines = [
+        f"problems seen:     {summary['problems_seen']}",
+        f"pairs kept:        {summary['pairs_kept']}",
+        f"skipped:           {skipped}",
+        f"teacher solutions: {summary['teacher_solutions']} (gates fired on them: {fired})",
+        f"tokens generated:  {summary['tokens_generated']} ({summary['rollout_tokens']} rollouts, "
+        f"{summary['teacher_tokens']} teacher) in {summary['generation_seconds']:.1f} s = "
+        f"{summary['tokens_per_s']:.1f} tokens/s",
+    ]
+    if summary.get("target_rows"):
+        lines.append(f"captured targets:  {summary['target_rows']} rows, {summary['target_bytes']:,} bytes = "
+                     f"{summary['target_bytes'] / summary['target_rows']:,.0f} bytes per token")
+    return "\n".join(lines)
 
 
-def _strip_stop(token_ids: Sequence[int], finish_reason: str, stop_ids: Sequence[int]) -> list[int]:
-    ids = list(token_ids)
-    if finish_reason == "stop" and ids and ids[-1] in stop_ids:
-        ids.pop()  # records keep the generated ids without the stop token
-    return ids
+def problem_seed(seed: int, tag: str, problem_id: str) -> int:
+    """Sampling seed of one problem's rollouts or teacher solution: the run seed and the
+    problem alone, so a restart or another pool size writes the same records."""
+    digest = hashlib.sha256(f"{seed}:{tag}:{problem_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
-def run_stage1(
-    problems: Sequence[Problem],
-    tokenizer,
-    generate_fn: GenerateFn,
-    files: RunFiles,
-    opts: Stage1Options,
-    model_name: str,
-    progress: bool = True,
-) -> dict:
+class Stage1:
+    """The per-problem steps of a run: the requests it sends and what it does with each output.
+    run_stage1 below is the loop that drives it."""
+
+    def __init__(self, tokenizer, files: RunFiles, opts: Stage1Options, model_name: str, stats: RunStats,
+                 targets: CapturedTargets | None):
+        self.tok, self.files, self.opts, self.model_name, self.stats, self.targets = tokenizer, files, opts, model_name, stats, targets
+
+    def _request(self, prompt_ids, tag, *, samples, temperature, max_new_tokens, seed_tag, problem, capture=False):
+        o = self.opts
+        return Request(prompt_ids, max_new_tokens, samples, temperature, o.top_k, o.top_p, o.repetition_penalty,
+                       seed=problem_seed(o.seed, seed_tag, problem.id), return_hidden=capture, tag=tag)
+
+    def rollout_request(self, problem: Problem) -> Request:
+        ids = self.tok.encode_chat(prompts.student_chat(problem.question, self.opts.system_prompt), add_generation_prompt=True)
+        return self._request(ids, ("rollouts", problem), samples=self.opts.num_rollouts, temperature=self.opts.rollout_temperature,
+                             max_new_tokens=self.opts.max_new_tokens, seed_tag="rollouts", problem=problem)
+
+    def on_rollouts(self, problem: Problem, rows: list) -> Request | None:
+        """Grade a problem's K rollouts: record a skip, or return the teacher's request."""
+        self.stats.rollout_tokens += sum(len(c.token_ids) for c in rows)
+        texts = [self.tok.decode(c.token_ids) for c in rows]
+        answers, correct = grade_rollouts(texts, problem.gold, problem.dataset, self.opts.answer_rule)
+        sel = select_pair(answers, correct, problem.dataset, problem_rng(self.opts.seed, problem.id),
+                          [c.finish_reason == "stop" for c in rows], self.opts.answer_rule)
+        info = sel.to_dict()
+        info["finish_reasons"] = [c.finish_reason for c in rows]
+        if self.opts.keep_rollouts:
+            info["texts"] = texts
+        if sel.reason:
+            record = {"id": problem.id, "dataset": problem.dataset, "reason": sel.reason, "question": problem.question, "gold": problem.gold, "rollouts": info}
+            append_jsonl(self.files.skipped, [record])
+            self.stats.skipped[sel.reason] += 1
+            return None
+        correct_text, wrong_text = texts[sel.correct_index], texts[sel.wrong_index]
+        chat = build_teacher_chat(problem, correct_text, wrong_text, self.opts)
+        ids = self.tok.encode_chat(chat, add_generation_prompt=True)
+        tag = ("teacher", problem, chat, correct_text, wrong_text, info)
+        return self._request(ids, tag, samples=1, temperature=self.opts.teacher_temperature, max_new_tokens=self.opts.teacher_max_new_tokens,
+                             seed_tag="teacher", problem=problem, capture=self.targets is not None)
+
+    def on_teacher(self, tag: tuple, comp) -> None:
+        """Judge a teacher solution and record the pair (its targets first) or the skip."""
+        _, problem, chat, correct_text, wrong_text, info = tag
+        self.stats.teacher_tokens += len(comp.token_ids)
+        solution_ids = list(comp.token_ids)
+        solution = self.tok.decode(solution_ids)
+        reason, answer, result = judge_teacher(problem, solution, comp.finish_reason, chat, correct_text, wrong_text, self.opts)
+        for g in result.fired:
+            self.stats.gates_fired[g] += 1
+        self.stats.teacher_solutions += 1
+        record = {"id": problem.id, "dataset": problem.dataset}
+        if reason is not None:
+            record.update(reason=reason, question=problem.question, gold=problem.gold, teacher_answer=answer, finish_reason=comp.finish_reason,
+                          gates=result.to_dict(), solution=solution, solution_ids=solution_ids, teacher_chat=chat,
+                          student_chat=prompts.student_chat(problem.question, self.opts.system_prompt), rollouts=info)  # for inspection, or training on rejects
+            append_jsonl(self.files.skipped, [record])
+            self.stats.skipped[reason] += 1
+            return
+        record.update(question=problem.question, gold=problem.gold, student_chat=prompts.student_chat(problem.question, self.opts.system_prompt), teacher_chat=chat,
+                      solution=solution, solution_ids=solution_ids, finish_reason=comp.finish_reason, rollouts=info,
+                      model=self.model_name, teacher_answer=answer, gates=result.to_dict())
+        if self.targets is not None:  # written before the pair line: a recorded pair always has its targets
+            hidden = comp.hidden if self.opts.targets_dtype is None else comp.hidden.to(getattr(torch, self.opts.targets_dtype))
+            self.stats.target_bytes += self.targets.write(problem.id, solution_ids, hidden)
+            self.stats.target_rows += hidden.shape[0]
+        append_jsonl(self.files.pairs, [record])
+        self.stats.pairs += 1
+
+
+def run_stage1(problems: Sequence[Problem], tokenizer, engine, files: RunFiles, opts: Stage1Options, model_name: str,
+               targets: CapturedTargets | None = None, progress: bool = True) -> dict:
     """Run (or continue) stage 1 over `problems`; returns the run summary (also saved as JSON).
 
+    engine: a minissb.engine.Engine (or anything with its run()/add()). Problems stream
+    through it: a problem's rollouts are graded as soon as its K samples are done, its
+    teacher request jumps the queue, and each record is written the moment it is decided.
     The caller has checked the run config (check_run_config) before anything is written.
     """
-    opts.validate()
+    from tqdm import tqdm
+
     for path in (files.pairs, files.skipped):  # both exist from the start, empty or not, for the next stage
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
@@ -368,150 +477,53 @@ def run_stage1(
     except json.JSONDecodeError:
         previous = None  # only the totals are lost; the counts come from the records
     stats = RunStats(pairs, skipped, previous)
+    stage = Stage1(tokenizer, files, opts, model_name, stats, targets)
     todo = [p for p in problems if p.id not in done]
-    stop_ids = list(tokenizer.stop_ids)
 
-    def save_summary() -> dict:
+    def feed():  # pulled lazily by the engine, whenever slots are free
+        for p in todo:
+            if stats.pairs >= opts.num_pairs:
+                return
+            yield stage.rollout_request(p)
+
+    bar = tqdm(total=len(todo), desc="stage 1", unit="problem", disable=not progress, dynamic_ncols=True)
+    bar.set_postfix(pairs=stats.pairs)
+    earlier, t0 = stats.generation_seconds, time.perf_counter()
+
+    def save_summary() -> dict:  # the time so far goes in each save: a killed session keeps its share
+        stats.generation_seconds = earlier + time.perf_counter() - t0
         summary = stats.to_dict()
         write_json_atomic(files.summary, summary)
         return summary
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="stage 1", unit="problem", disable=not progress, dynamic_ncols=True)
-    bar.set_postfix(pairs=stats.pairs)
-    for start in range(0, len(todo), opts.batch_size):
-        if stats.pairs >= opts.num_pairs:
-            break
-        batch = todo[start : start + opts.batch_size]
-        ids = [p.id for p in batch]
-        K = opts.num_rollouts
-
-        # 1-2. rollouts of the student chat, graded; non-mixed problems are recorded at once.
-        student_prompts = [tokenizer.encode_chat(prompts.student_chat(p.question), add_generation_prompt=True) for p in batch]
-        t0 = time.perf_counter()
-        rollouts = generate_fn(
-            student_prompts,
-            num_samples=K,
-            temperature=opts.rollout_temperature,
-            top_k=opts.top_k,
-            max_new_tokens=opts.max_new_tokens,
-            seed=batch_seed(opts.seed, "rollouts", ids),
-        )
-        stats.generation_seconds += time.perf_counter() - t0
-        if len(rollouts) != len(batch) * K:
-            raise SSBError(f"the generator returned {len(rollouts)} completions for {len(batch)} prompts x {K} samples")
-        stats.rollout_tokens += sum(len(c.token_ids) for c in rollouts)
-
-        mixed = []  # (problem, selection, rollout texts)
-        for i, problem in enumerate(batch):
-            rows = rollouts[i * K : (i + 1) * K]
-            texts = [tokenizer.decode(_strip_stop(c.token_ids, c.finish_reason, stop_ids)) for c in rows]
-            answers, correct = grade_rollouts(texts, problem.gold, problem.dataset)
-            sel = select_pair(answers, correct, problem.dataset, problem_rng(opts.seed, problem.id), [c.finish_reason == "stop" for c in rows])
-            rollout_info = sel.to_dict()
-            rollout_info["finish_reasons"] = [c.finish_reason for c in rows]
-            if opts.keep_rollouts:
-                rollout_info["texts"] = texts
-            if sel.reason:
-                record = {"id": problem.id, "dataset": problem.dataset, "reason": sel.reason, "question": problem.question, "gold": problem.gold, "rollouts": rollout_info}
-                append_jsonl(files.skipped, [record])
-                stats.skipped[sel.reason] += 1
+    try:
+        for out in engine.run(feed()):
+            if stats.pairs >= opts.num_pairs:
+                break  # enough pairs: problems still in flight stay undone
+            kind, problem = out.request.tag[:2]
+            if kind == "rollouts":
+                teacher = stage.on_rollouts(problem, out.completions)
+                if teacher is not None:
+                    engine.add(teacher)
+                    continue
             else:
-                mixed.append((problem, sel, texts, rollout_info))
-
-        # 3-5. teacher solutions for the mixed problems, judged and recorded.
-        if mixed:
-            chats = [build_teacher_chat(p, texts[sel.correct_index], texts[sel.wrong_index], opts) for p, sel, texts, _ in mixed]
-            t0 = time.perf_counter()
-            solutions = generate_fn(
-                [tokenizer.encode_chat(c, add_generation_prompt=True) for c in chats],
-                num_samples=1,
-                temperature=opts.teacher_temperature,
-                top_k=opts.top_k,
-                max_new_tokens=opts.teacher_max_new_tokens,
-                seed=batch_seed(opts.seed, "teacher", [p.id for p, *_ in mixed]),
-            )
-            stats.generation_seconds += time.perf_counter() - t0
-            if len(solutions) != len(mixed):
-                raise SSBError(f"the generator returned {len(solutions)} teacher solutions for {len(mixed)} prompts")
-            stats.teacher_tokens += sum(len(c.token_ids) for c in solutions)
-            for (problem, sel, texts, rollout_info), chat, comp in zip(mixed, chats, solutions):
-                if stats.pairs >= opts.num_pairs:
-                    break  # enough pairs: the rest of the batch stays undone
-                solution_ids = _strip_stop(comp.token_ids, comp.finish_reason, stop_ids)
-                solution = tokenizer.decode(solution_ids)
-                reason, answer, result = judge_teacher(
-                    problem, solution, comp.finish_reason, chat, texts[sel.correct_index], texts[sel.wrong_index], opts
-                )
-                for g in result.fired:
-                    stats.gates_fired[g] += 1
-                stats.teacher_solutions += 1
-                common = {"id": problem.id, "dataset": problem.dataset}
-                if reason is None:
-                    record = {
-                        **common,
-                        "question": problem.question,
-                        "gold": problem.gold,
-                        "student_chat": prompts.student_chat(problem.question),
-                        "teacher_chat": chat,
-                        "solution": solution,
-                        "solution_ids": solution_ids,
-                        "finish_reason": comp.finish_reason,
-                        "rollouts": rollout_info,
-                        "model": model_name,
-                        "teacher_answer": answer,
-                        "gates": result.to_dict(),
-                    }
-                    append_jsonl(files.pairs, [record])
-                    stats.pairs += 1
-                else:
-                    record = {
-                        **common,
-                        "reason": reason,
-                        "question": problem.question,
-                        "gold": problem.gold,
-                        "teacher_answer": answer,
-                        "finish_reason": comp.finish_reason,
-                        "gates": result.to_dict(),
-                        "solution": solution,  # kept so the rejection can be inspected
-                        "teacher_chat": chat,
-                        "rollouts": rollout_info,
-                    }
-                    append_jsonl(files.skipped, [record])
-                    stats.skipped[reason] += 1
-        bar.update(len(batch))
-        bar.set_postfix(pairs=stats.pairs)
-        save_summary()
-    bar.close()
+                stage.on_teacher(out.request.tag, out.completions[0])
+            bar.update(1)
+            bar.set_postfix(pairs=stats.pairs)
+            save_summary()
+    finally:
+        bar.close()
     return save_summary()
 
 
-def model_generate_fn(model, tokenizer, compile: bool = False, progress: bool = False) -> GenerateFn:
-    """The real generator: minissb.generate on `model`, stopping at the tokenizer's stop ids."""
-    from minissb.generate import generate
-
-    def generate_fn(prompts_ids, *, num_samples, temperature, top_k, max_new_tokens, seed):
-        return generate(
-            model,
-            prompts_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            num_samples=num_samples,
-            stop_ids=tokenizer.stop_ids,
-            seed=seed,
-            compile=compile,
-            progress=progress,
-        )
-
-    return generate_fn
-
-
-def run_config(opts: Stage1Options, model: str, dtype: str, dataset: str, split: str, data: str | None) -> dict:
-    """What identifies a run: everything that changes its records (not how many or how fast)."""
+def run_config(opts: Stage1Options, model: str, dtype: str, dataset: str, split: str, data: str | None,
+               data_sha256: str | None = None) -> dict:
+    """What identifies a run: everything that changes its records (not how many or how fast),
+    the data file's content included (edited in place, it is another run)."""
     config = {k: v for k, v in asdict(opts).items() if k not in RESTARTABLE}
     config.update(model=model, dtype=dtype, dataset=dataset, split=split, data=data)
+    if data_sha256 is not None:
+        config["data_sha256"] = data_sha256
     return config
 
 
@@ -537,72 +549,61 @@ def load_model_and_tokenizer(model_dir: Path, tokenizer_dir: str | None, dtype_n
     return model, tokenizer
 
 
-def sample_main(args) -> int:
-    """sample.py after argument parsing: stage 1, then (optionally) offline teacher targets."""
-    from minissb.data import load_problems
-    from minissb.targets import format_target_stats, write_targets
+def stage1_max_len(tokenizer, problems: Sequence[Problem], opts: Stage1Options) -> int:
+    """Engine positions per slot: the longest student prompt + its cap, or the longest hinted
+    prompt (two attempts of at most max_new_tokens each, re-tokenised: 64 tokens of slack
+    each) + the teacher's cap, whichever is more."""
+    student = max(len(tokenizer.encode_chat(prompts.student_chat(p.question, opts.system_prompt), add_generation_prompt=True)) for p in problems)
+    teacher = max(len(tokenizer.encode_chat(build_teacher_chat(p, "", "", opts), add_generation_prompt=True)) for p in problems)
+    return max(student + opts.max_new_tokens, teacher + 2 * (opts.max_new_tokens + 64) + opts.teacher_max_new_tokens)
 
-    files = RunFiles(Path(args.out))
-    progress = not args.no_progress
-    opts = Stage1Options(
-        num_rollouts=args.num_rollouts,
-        rollout_temperature=args.rollout_temperature,
-        top_k=args.top_k or None,
-        teacher_temperature=args.teacher_temperature,
-        max_new_tokens=args.max_new_tokens,
-        teacher_max_new_tokens=args.teacher_max_new_tokens or args.max_new_tokens,
-        hint_order=args.hint_order,
-        hint_gold=args.hint_gold,
-        copy_threshold=args.copy_threshold,
-        seed=args.seed,
-        num_pairs=args.num_pairs,
-        batch_size=args.batch_size,
-        keep_rollouts=args.keep_rollouts,
-    )
+
+def sample_main(args) -> int:
+    """sample.py after argument parsing: check everything, load, then stream stage 1 through the engine."""
+    from minissb.cli import resolve_dtype_name, torch_device
+    from minissb.data import data_file, file_sha256, load_problems
+    from minissb.engine import Engine
     from minissb.model import resolve_model_dir
 
-    model_dir = resolve_model_dir(args.model)  # a missing path fails here, before anything is read or written
+    files = RunFiles(Path(args.out))
+    opts = Stage1Options(
+        num_rollouts=args.num_rollouts, rollout_temperature=args.rollout_temperature, top_k=args.top_k or None,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, teacher_temperature=args.teacher_temperature,
+        max_new_tokens=args.max_new_tokens, teacher_max_new_tokens=args.max_new_tokens if args.teacher_max_new_tokens is None else args.teacher_max_new_tokens,
+        hint_order=args.hint_order, hint_gold=args.hint_gold, copy_threshold=args.copy_threshold, seed=args.seed,
+        capture_targets=not args.no_targets, targets_dtype="bfloat16" if args.targets_bf16 else None,
+        answer_rule=args.answer_rule, gates=not args.no_gates,
+        system_prompt=prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None,
+        teacher_template=prompts.read_prompt_file(args.teacher_prompt_file, teacher=True) if args.teacher_prompt_file else None,
+        num_pairs=args.num_pairs, batch_size=args.batch_size, keep_rollouts=args.keep_rollouts,
+    )
+    opts.validate()
+    # Everything that can fail on bad input is checked before the first byte is written.
+    model_dir = resolve_model_dir(args.model)
     model_name = _identity(args.model)
-    if args.targets_only:
-        if args.teacher_targets == "none":
-            raise SSBError("--targets-only needs --teacher-targets topk or full")
-        if not files.pairs.is_file():
-            raise SSBError(f"--targets-only: pairs file {files.pairs} not found (run stage 1 first)")
-    else:
-        opts.validate()
-        if args.limit is not None and args.limit < 1:
-            raise SSBError(f"--limit must be >= 1, got {args.limit}")
-        # Everything that can fail on bad input is checked before the first byte is written.
-        problems = load_problems(args.dataset, split=args.split, source=args.data, limit=args.limit)
-        config = run_config(opts, model_name, args.dtype, args.dataset, args.split, _identity(args.data))
-        new_run = check_run_config(files, config)
-        read_done(files)  # a damaged output file fails now, not after the model is loaded
+    device = torch_device(args.device)
+    dtype_name = resolve_dtype_name(args.dtype, device)
+    problems = load_problems(args.dataset, split=args.split, source=args.data, limit=args.limit)
+    digest = file_sha256(data_file(args.dataset, args.split, args.data))
+    config = run_config(opts, model_name, dtype_name, args.dataset, args.split, _identity(args.data), digest)
+    new_run = check_run_config(files, config)
+    pairs, _ = read_done(files)  # a damaged output file fails now, not after the model is loaded
 
-    model, tokenizer = load_model_and_tokenizer(model_dir, args.tokenizer, args.dtype, args.device)
-
-    if not args.targets_only:
-        if new_run:
-            write_json_atomic(files.run_config, config)
-        print(f"stage 1: {len(problems)} problems from {args.dataset}/{args.split}, model {args.model} ({args.dtype} on {model.device})", file=sys.stderr)
-        generate_fn = model_generate_fn(model, tokenizer, compile=args.compile)
-        summary = run_stage1(problems, tokenizer, generate_fn, files, opts, model_name, progress=progress)
-        print(format_summary(summary))
-        print(f"wrote {files.pairs}, {files.skipped.name}, {files.summary.name}")
-
-    if args.teacher_targets != "none":
-        stats = write_targets(
-            model,
-            tokenizer,
-            files.pairs,
-            mode=args.teacher_targets,
-            k=args.targets_k,
-            temperature=args.targets_temperature,
-            model_name=model_name,
-            batch_size=args.targets_batch_size,
-            chunk_size=args.chunk_size,
-            progress=progress,
-        )
-        print(format_target_stats(stats))
+    model, tokenizer = load_model_and_tokenizer(model_dir, args.tokenizer, dtype_name, str(device))
+    engine = Engine(model, opts.batch_size, stage1_max_len(tokenizer, problems, opts), stop_ids=tokenizer.stop_ids,
+                    cuda_graphs=args.cuda_graphs)  # a KV cache that cannot fit fails here, before any write
+    if new_run:
+        write_json_atomic(files.run_config, config)
+    targets = None
+    if opts.capture_targets:
+        targets = CapturedTargets(files.targets)
+        stored = getattr(torch, opts.targets_dtype) if opts.targets_dtype else model.dtype
+        targets.open_for_writing(model_name, model.dtype, stored, model.config.hidden_size, [r["id"] for r in pairs])
+    print(f"stage 1: {len(problems)} problems from {args.dataset}/{args.split}, model {args.model} ({dtype_name} on {model.device}), "
+          f"{opts.batch_size} engine slots of {engine.max_len} positions", file=sys.stderr)
+    summary = run_stage1(problems, tokenizer, engine, files, opts, model_name, targets, progress=not args.no_progress)
+    print(format_summary(summary))
+    print(f"wrote {files.pairs}, {files.skipped.name}, {files.summary.name}" + (f", {files.targets.name}/" if targets else ""))
     return 0
 
 
@@ -611,7 +612,6 @@ __all__ = [
     "Stage1Options",
     "Selection",
     "RunFiles",
-    "GenerateFn",
     "grade_rollouts",
     "select_pair",
     "judge_teacher",
@@ -619,7 +619,7 @@ __all__ = [
     "check_run_config",
     "run_stage1",
     "run_config",
-    "model_generate_fn",
+    "problem_seed",
     "format_summary",
     "sample_main",
 ]

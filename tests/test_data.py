@@ -1,6 +1,11 @@
 """minissb.data: the three hub layouts, local files, every error, and crash-safe JSONL."""
 
+import hashlib
+import json
+import os
+import stat
 import warnings
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,8 +17,13 @@ from minissb.data import (
     PartialLineWarning,
     Problem,
     append_jsonl,
+    atomic_write,
+    data_file,
+    file_sha256,
     load_problems,
     read_jsonl,
+    remove_temp_files,
+    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -224,8 +234,46 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object, got list"):
         read_jsonl(path)
     path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8 text \(byte 8 of the line\)"):
         load_problems("gsm8k", source=path)
+
+
+@pytest.mark.parametrize("tail", [b'{"question": "q2", "answer": "3"', b'{"question": "\xff"}'])
+def test_an_input_file_with_a_bad_last_line_is_an_error_not_a_repair(tmp_path, tail):
+    # The torn-line repair is for minissb's own outputs; a user's dataset must not lose a row quietly.
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"question": "q1", "answer": "2"}\n' + tail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=r"in\.jsonl:2: (malformed JSON|not UTF-8)") as e:
+            load_problems("gsm8k", source=path)
+    one_line(e)
+    with pytest.warns(PartialLineWarning):  # the same bytes as one of minissb's own outputs: repaired
+        assert read_jsonl(path) == [{"question": "q1", "answer": "2"}]
+
+
+@pytest.mark.parametrize("answer, kind", [({"value": 3}, "dict"), ([3], "list"), (True, "bool")])
+def test_an_answer_that_is_not_text_or_a_number_is_refused(tmp_path, answer, kind):
+    path = tmp_path / "in.jsonl"
+    write_jsonl_atomic(path, [{"question": "q", "answer": "1"}, {"question": "q", "answer": answer}])
+    with pytest.raises(DataError, match=rf"in\.jsonl: row 1: 'answer' is a {kind}, expected the answer as text or a number") as e:
+        load_problems("math500", source=path)
+    one_line(e)
+    write_jsonl_atomic(path, [{"question": "q", "answer": 42}, {"question": "q", "answer": 2.5}])
+    assert [p.gold for p in load_problems("math500", source=path)] == ["42", "2.5"]  # numbers stay fine
+
+
+def test_data_file_and_its_hash_follow_the_content(tmp_path):
+    path = tmp_path / "in.jsonl"
+    write_jsonl_atomic(path, [{"question": "q", "answer": "1"}])
+    assert data_file("gsm8k", source=path) == path
+    before = file_sha256(path)
+    assert before == hashlib.sha256(path.read_bytes()).hexdigest()
+    write_jsonl_atomic(path, [{"question": "q", "answer": "2"}])  # edited in place, same name
+    assert file_sha256(path) != before
+    mirror = tmp_path / "mirror" / "HuggingFaceH4__MATH-500"
+    write_jsonl_atomic(mirror / "test.jsonl", [{"problem": "q", "answer": "1", "unique_id": "a"}])
+    assert data_file("math500", source=tmp_path / "mirror") == mirror / "test.jsonl"
 
 
 # ----------------------------------------------------------------------------- crash-safe JSONL
@@ -290,3 +338,37 @@ def test_write_jsonl_atomic_replaces_and_leaves_no_tmp(tmp_path):
     assert read_jsonl(path) == RECORDS[:1]
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.jsonl"]
     assert path.read_text(encoding="utf-8").count("\n") == 1  # newlines inside strings are escaped
+
+
+def test_atomic_writers_respect_the_umask_and_clean_up_after_a_failure(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "run.json", {"a": 1})
+        write_jsonl_atomic(tmp_path / "r.jsonl", RECORDS)
+    finally:
+        os.umask(old)
+    for name in ("run.json", "r.jsonl"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name  # 0666 & ~027, not mkstemp's 0600
+
+    def disk_full(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(28, "No space left on device", tmp)
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "run.json", disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "run.json"]  # no temporary left behind
+    assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1}  # and the old file is intact
+
+
+def test_remove_temp_files_takes_only_temporaries(tmp_path):
+    (tmp_path / "results.json.tmp").write_bytes(b"")  # an older writer's name
+    (tmp_path / ".run.json.abc123.tmp").write_text("{")
+    (tmp_path / ".step-000004.tmp").mkdir()
+    (tmp_path / ".step-000004.tmp" / "state.pt").write_bytes(b"x")
+    keep = ["notes.tmp", "results.json", "step-000002", "x.jsonl"]
+    for name in keep:
+        (tmp_path / name).write_text("keep")
+    removed = remove_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == [".run.json.abc123.tmp", ".step-000004.tmp", "results.json.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == keep
+    assert remove_temp_files(tmp_path / "absent") == []

@@ -5,8 +5,11 @@ Everything runs on the tiny random Qwen2 (2 layers, hidden 64) on the CPU, in fl
 
 import json
 import math
+import re
 import shutil
 import sys
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +34,6 @@ from minissb.distill import (
 from minissb.lora import adapters_disabled, apply_lora, lora_modules, lora_parameters
 from minissb.model import from_pretrained, init_weights, save_pretrained
 from minissb.prompts import SYSTEM_PROMPT, student_chat
-from minissb.targets import write_targets
 from minissb.testing import build_tiny_model
 from minissb.tokenizer import Tokenizer
 
@@ -98,7 +100,7 @@ def pairs_file(tmp_path, tok):
 
 
 def config(pairs, out, model, **kw) -> TrainConfig:
-    base = dict(pairs=str(pairs), out=str(out), model=str(model), device="cpu", dtype="fp32", lora_r=8,
+    base = dict(pairs=str(pairs), out=str(out), model=str(model), teacher="online", device="cpu", dtype="fp32", lora_r=8,
                 lora_alpha=16, batch_size=2, epochs=1, warmup_ratio=0.0, save_every=0, progress=False)
     return TrainConfig(**{**base, **kw})
 
@@ -230,35 +232,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(pairs_file, tok, sharp_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_online_and_offline_full_targets_give_the_same_loss(tmp_path, pairs_file, tok, sharp_model_dir):
-    base = from_pretrained(sharp_model_dir, dtype=torch.float32)
-    write_targets(base, tok, pairs_file, mode="full", temperature=2.0, progress=False)
-    model = lora_model(sharp_model_dir)
-    examples = examples_for(pairs_file, tok, model)[:4]
-    cfg = config(pairs_file, "unused", sharp_model_dir)
-    offline = distill.OfflineTeacher(pairs_file.with_name("pairs.targets"), 2.0, model.config.vocab_size,
-                                     [ex.id for ex in examples])
-    assert offline.mode == "full"
-    online_res, _ = micro_batch_loss(model, examples, cfg, tok.pad_id)
-    offline_res, _ = micro_batch_loss(model, examples, cfg, tok.pad_id, offline)
-    assert online_res.n_tokens == offline_res.n_tokens
-    assert online_res.kl.item() > 0.05  # a real disagreement, not two zeros
-    # Stored logits are bf16 (8 significant bits): the losses agree to that precision, not to float32's.
-    assert offline_res.loss.item() == pytest.approx(online_res.loss.item(), rel=1e-2)
-    assert offline_res.ce.item() == pytest.approx(online_res.ce.item(), rel=1e-6)  # same student
+def capture_from_online(pairs_file, tok, model_dir):
+    """Targets as sample.py would store them, made here from the online teacher's rows (fp32)."""
+    from minissb.distill import online_teacher_hidden
+    from minissb.targets import CapturedTargets
+
+    base = from_pretrained(model_dir, dtype=torch.float32)
+    store = CapturedTargets(pairs_file.with_name("pairs.targets"))
+    store.open_for_writing(str(Path(model_dir).resolve()), torch.float32, torch.float32, base.config.hidden_size, [])
+    for ex, (_, rec) in zip(examples_for(pairs_file, tok, base), load_pairs(pairs_file)):
+        rows, _ = online_teacher_hidden(base, [ex], tok.pad_id)
+        store.write(rec["id"], rec["solution_ids"], rows)
 
 
-def test_offline_topk_trains_and_refuses_another_temperature(tmp_path, pairs_file, tok, sharp_model_dir):
-    base = from_pretrained(sharp_model_dir, dtype=torch.float32)
-    write_targets(base, tok, pairs_file, mode="topk", k=16, temperature=1.0, progress=False)
-    with pytest.raises(TrainError, match=r"temperature 1\.0.*--temperature is 2\.0"):
-        train(config(pairs_file, tmp_path / "a", sharp_model_dir, teacher="offline"))
-    summary = train(config(pairs_file, tmp_path / "b", sharp_model_dir, teacher="offline", temperature=1.0))
-    assert summary["adapter"] and math.isfinite(metrics(tmp_path / "b")[-1]["kl"])
+def test_training_with_captured_targets_follows_the_online_curve(tmp_path, pairs_file, tok, sharp_model_dir):
+    capture_from_online(pairs_file, tok, sharp_model_dir)
+    train(config(pairs_file, tmp_path / "online", sharp_model_dir, epochs=2))
+    train(config(pairs_file, tmp_path / "captured", sharp_model_dir, epochs=2, teacher="captured"))
+    on, cap = metrics(tmp_path / "online"), metrics(tmp_path / "captured")
+    assert len(on) == len(cap) == 6
+    for a, b in zip(on, cap):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     missing = tmp_path / "other.jsonl"
     shutil.copy(pairs_file, missing)
     with pytest.raises(TrainError, match="not found"):
-        train(config(missing, tmp_path / "c", sharp_model_dir, teacher="offline", temperature=1.0))
+        train(config(missing, tmp_path / "c", sharp_model_dir, teacher="captured"))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -293,11 +291,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pairs_file, sharp_model_d
     assert summary["adapter"] is None and len(metrics(run)) == 4
     # A kill after step 4 was logged but before its checkpoint: the newest checkpoint is step 2.
     shutil.rmtree(run / "checkpoints" / "step-000004")
-    with pytest.raises(TrainError, match="--resume"):
-        train(config(pairs_file, run, sharp_model_dir, **kw))  # refuses to overwrite the run
-    with pytest.raises(TrainError, match="--lr is 0.02"):
-        train(config(pairs_file, run, sharp_model_dir, resume=True, **{**kw, "lr": 2e-2}))
-    train(config(pairs_file, run, sharp_model_dir, resume=True, **kw))
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    with pytest.raises(TrainError, match="other settings \\(--lr: 0.01 there, 0.02 now\\)"):
+        train(config(pairs_file, run, sharp_model_dir, **{**kw, "lr": 2e-2}))  # would mix two runs
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before  # refused before writing
+    train(config(pairs_file, run, sharp_model_dir, **kw))  # the same command again continues from step 2
 
     def strip(lines):
         return [{k: v for k, v in m.items() if k not in TIMING_FIELDS} for m in lines]
@@ -316,6 +314,139 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pairs_file, sharp_model_d
     changed.write_text("\n".join(pairs_file.read_text().splitlines()[:4]) + "\n")
     with pytest.raises(TrainError, match="pairs file changed"):
         train(config(changed, run, sharp_model_dir, resume=True, **kw))
+
+
+def _strip_timing(lines):
+    return [{k: v for k, v in m.items() if k not in TIMING_FIELDS} for m in lines]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_when_rerun(tmp_path, pairs_file, sharp_model_dir, monkeypatch):
+    # save_every=0: no checkpoint; a non-finite loss at step 3 stops the run the way a kill would,
+    # leaving run.json and two metrics lines. Rerun, the same command starts over cleanly (and so
+    # does one with a changed option: nothing is lost), and ends exactly where a clean run ends.
+    kw = dict(epochs=2, lr=1e-2, lora_dropout=0.1)
+    train(config(pairs_file, tmp_path / "straight", sharp_model_dir, **kw))
+    real, calls = distill.kd_loss, []
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(distill, "kd_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*lower --lr \(0.01\)"):
+        train(config(pairs_file, run, sharp_model_dir, **kw))
+    assert [m["step"] for m in metrics(run)] == [1, 2] and not (run / "checkpoints").exists()
+    calls.clear()
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*lower --lr \(0.02\)"):
+        train(config(pairs_file, run, sharp_model_dir, **{**kw, "lr": 2e-2}))  # another --lr: nothing to lose
+    assert [m["step"] for m in metrics(run)] == [1, 2]  # started over: no line of the first attempt
+    monkeypatch.setattr(distill, "kd_loss", real)
+    train(config(pairs_file, run, sharp_model_dir, resume=True, **kw))  # --resume with no checkpoint: starts over
+    assert _strip_timing(metrics(run)) == _strip_timing(metrics(tmp_path / "straight"))
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run is something to lose: other settings are refused, and nothing is written.
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    with pytest.raises(TrainError, match=r"holds a training run with other settings \(--epochs: 2 there, 3 now\)"):
+        train(config(pairs_file, run, sharp_model_dir, **{**kw, "epochs": 3}))
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    with pytest.raises(TrainError, match=r"--resume: .* holds no training run to continue"):
+        train(config(pairs_file, tmp_path / "nothing", sharp_model_dir, resume=True))
+
+
+def test_leftover_temporaries_are_removed_at_the_next_start(tmp_path, pairs_file, sharp_model_dir):
+    run = tmp_path / "run"
+    kw = dict(save_every=1, max_steps=2)
+    train(config(pairs_file, run, sharp_model_dir, stop_after_steps=1, **kw))
+    # What a kill or a full disk mid-write leaves: a half checkpoint and half files.
+    (run / "checkpoints" / ".step-000002.tmp" / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / ".step-000002.tmp" / "state.pt").write_bytes(b"half")
+    (run / ".run.json.k3j2.tmp").write_bytes(b"")
+    (run / ".metrics.jsonl.x9.tmp").write_text("{")
+    train(config(pairs_file, run, sharp_model_dir, **kw))
+    assert not [f for f in run.rglob("*") if f.name.endswith(".tmp")]
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+
+
+def test_disk_full_while_checkpointing_names_the_file_and_loses_nothing(tmp_path, pairs_file, sharp_model_dir, monkeypatch):
+    run = tmp_path / "run"
+    kw = dict(save_every=1, max_steps=3)
+    train(config(pairs_file, run, sharp_model_dir, stop_after_steps=1, **kw))
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != "metrics.jsonl"}
+    real_write = distill._torch_save
+
+    def full(obj, path):  # torch.save's own report of ENOSPC is an opaque RuntimeError: check ours is an OSError
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(distill, "_torch_save", full)
+    with pytest.raises(OSError) as e:
+        train(config(pairs_file, run, sharp_model_dir, **kw))
+    assert e.value.errno == 28 and e.value.filename.endswith("state.pt")
+    monkeypatch.setattr(distill, "_torch_save", real_write)
+    kept = {f: f.read_bytes() for f in run.rglob("*") if f in before}
+    assert kept.keys() == before.keys() and all(kept[f] == before[f] for f in before if f.name != "run.json")
+    train(config(pairs_file, run, sharp_model_dir, **kw))  # rerun: continues from step 1, cleans the half checkpoint
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    assert not [f for f in run.rglob("*") if f.name.endswith(".tmp")]
+
+
+def test_torch_save_reports_a_failed_write_as_the_oserror(tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    target = tmp_path / "state.pt"
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: Full(real_open(path, *a, **k)) if str(path) == str(target) else real_open(path, *a, **k))
+    with pytest.raises(OSError) as e:
+        distill._torch_save({"a": torch.zeros(1000)}, target)
+    assert e.value.errno == 28 and e.value.filename == str(target)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "--temperature must be a finite number > 0, got nan"),
+    ("kd_weight", float("nan"), "--kd-weight must be a finite number >= 0"),
+    ("lora_alpha", 0.0, "--lora-alpha must be a finite number > 0, got 0.0"),
+    ("lora_alpha", float("nan"), "--lora-alpha must be a finite number > 0"),
+    ("lr", float("inf"), "--lr must be a finite number > 0, got inf"),
+    ("max_grad_norm", float("nan"), "--max-grad-norm must be a finite number, got nan"),
+    ("save_every", -1, "--save-every must be an integer >= 0, got -1"),
+    ("keep_checkpoints", -1, "--keep-checkpoints must be an integer >= 0"),
+    ("lora_dropout", 1.0, "--lora-dropout must be a finite number >= 0 and < 1"),
+])
+def test_bad_numbers_are_refused_before_anything_loads(tmp_path, pairs_file, field, value, message):
+    with pytest.raises(TrainError, match=re.escape(message)):
+        train(config(pairs_file, tmp_path / "run", tmp_path / "no_model_needed", **{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pairs_file_with_bad_utf8_names_the_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(VALID.encode() + b"\n" + VALID.replace('"v"', '"w\xff"').encode("latin-1") + b"\n")
+    with pytest.raises(TrainError, match=r"pairs\.jsonl:2: not UTF-8 text \(byte \d+ of the line\)"):
+        load_pairs(path)
 
 
 def test_epoch_order_and_schedule():
@@ -410,3 +541,32 @@ def test_plot_needs_matplotlib_and_says_so(tmp_path, pairs_file, sharp_model_dir
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(TrainError, match="needs matplotlib"):
         distill.plot_metrics(tmp_path / "m.jsonl", tmp_path / "m.png")
+
+
+def test_flat_student_input_is_the_originals(pairs_file, tok, sharp_model_dir):
+    model = from_pretrained(sharp_model_dir, dtype=torch.float32)
+    flat = examples_for(pairs_file, tok, model, student_input="flat")
+    chat = examples_for(pairs_file, tok, model)
+    for (_, rec), f, c in zip(load_pairs(pairs_file), flat, chat):
+        text = " ".join(m["content"] for m in rec["student_chat"]).strip()  # system + " " + question, no template
+        assert f.student_ids == tok.encode(text) + rec["solution_ids"] and f.student_start == len(tok.encode(text)) - 1
+        assert f.labels == rec["solution_ids"] and f.n == c.n - 1  # no end of turn trained
+        assert f.teacher_ids == c.teacher_ids[:-1]  # the teacher keeps its chat template
+
+
+def test_linear_schedule_equals_transformers():
+    transformers = pytest.importorskip("transformers")
+    from minissb.distill import lr_at
+
+    for total, warmup in ((192, 0), (30, 3)):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+        sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
+        ref = []
+        for _ in range(total):
+            ref.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        ours = [lr_at(s, total, 2e-4, warmup, 0.0, "linear") for s in range(total)]
+        # transformers' step 0 of a warmup is lr * 0 / warmup (an update that does nothing); ours
+        # starts at lr / warmup. Past the warmup both are lr * (total - step) / (total - warmup).
+        assert ours[warmup:] == pytest.approx(ref[warmup:], rel=1e-9, abs=1e-15)

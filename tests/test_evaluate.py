@@ -142,11 +142,14 @@ def test_summary_avg_at_k_and_maj_at_k():
 def test_deltas_and_table():
     results = [
         {"dataset": "gsm8k", "model": "base", "adapter": None, "problems": 24, "samples": 1, "accuracy": 0.25, "ci95": [0.12, 0.45],
-         "maj_accuracy": 0.25, "maj_ci95": [0.12, 0.45], "mean_tokens": 210.4},
+         "maj_accuracy": 0.25, "maj_ci95": [0.12, 0.45], "mean_tokens": 210.4,
+         "problem_scores": [1] * 6 + [0] * 18},
         {"dataset": "gsm8k", "model": "ssb", "adapter": "runs/ssb", "problems": 24, "samples": 1, "accuracy": 0.375, "ci95": [0.21, 0.57],
-         "maj_accuracy": 0.375, "maj_ci95": [0.21, 0.57], "mean_tokens": 250.0},
+         "maj_accuracy": 0.375, "maj_ci95": [0.21, 0.57], "mean_tokens": 250.0,
+         "problem_scores": [1] * 9 + [0] * 15},
         {"dataset": "aime24", "model": "ssb", "adapter": "runs/ssb", "problems": 30, "samples": 1, "accuracy": 0.1, "ci95": [0.03, 0.26],
-         "maj_accuracy": 0.1, "maj_ci95": [0.03, 0.26], "mean_tokens": 900.0},
+         "maj_accuracy": 0.1, "maj_ci95": [0.03, 0.26], "mean_tokens": 900.0,
+         "problem_scores": [1] * 3 + [0] * 27},
     ]
     add_deltas(results)
     assert results[0]["delta_vs_base"] is None
@@ -154,7 +157,9 @@ def test_deltas_and_table():
     assert results[2]["delta_vs_base"] is None  # no base row for aime24
     lines = format_table(results).splitlines()
     assert "pass@1" in lines[0] and "maj@" not in lines[0]
-    assert "37.5 [21.0, 57.0]" in lines[3] and "+12.5" in lines[3] and "250" in lines[3]
+    assert "37.5 [21.0, 57.0]" in lines[3] and "+12.5 [" in lines[3] and "250" in lines[3]
+    paired = results[1]["paired_vs_base"]  # 3 problems only the adapter gets right, none the other way
+    assert (paired["only_base_right"], paired["only_other_right"]) == (0, 3) and paired["mcnemar_exact_p"] == pytest.approx(0.25)
     sampled = [dict(r, samples=4) for r in results]
     assert "avg@4" in format_table(sampled).splitlines()[0] and "maj@4" in format_table(sampled).splitlines()[0]
 
@@ -199,22 +204,21 @@ class FakeCompletion:
     text: str | None = None
 
 
-class ScriptedGenerator:
-    """Answers each prompt with a scripted text per sample; records every call."""
+class ScriptedEngine:
+    """Stand-in for minissb.engine.Engine: a scripted text per sample; records every request."""
 
     def __init__(self, tokenizer, script: dict[str, list[str]]):
         self.tok, self.script, self.calls = tokenizer, script, []
 
-    def __call__(self, prompt_ids, *, num_samples, temperature, top_k, top_p, max_new_tokens, seed):
-        self.calls.append({"n": len(prompt_ids), "num_samples": num_samples, "seed": seed, "temperature": temperature})
-        out = []
-        for ids in prompt_ids:
-            chat = self.tok.decode(ids)
+    def run(self, requests):
+        from minissb.engine import RequestOutput
+
+        for req in requests:
+            self.calls.append({"prompt": list(req.prompt), "num_samples": req.num_samples, "seed": req.seed, "temperature": req.temperature})
+            chat = self.tok.decode(req.prompt)
             question = next(q for q in self.script if q in chat)
-            for j in range(num_samples):
-                text = self.script[question][j]
-                out.append(FakeCompletion(self.tok.encode(text), "stop" if j % 2 == 0 else "length"))
-        return out
+            yield RequestOutput(req, [FakeCompletion(self.tok.encode(self.script[question][j]), "stop" if j % 2 == 0 else "length")
+                                      for j in range(req.num_samples)])
 
 
 @pytest.fixture()
@@ -239,11 +243,10 @@ GEN3 = {"samples": 3, "temperature": 0.7, "top_k": None, "top_p": None, "max_new
 
 
 def test_evaluate_dataset_records_metrics_and_prompt(tmp_path, tok):
-    gen = ScriptedGenerator(tok, SCRIPT)
+    gen = ScriptedEngine(tok, SCRIPT)
     path = tmp_path / "base__gsm8k.jsonl"
-    stats = evaluate_dataset(_problems(), tok, gen, path, GEN3, batch_size=6, progress=False)
-    # batch_size counts sequences: 6 // 3 samples = 2 problems per call.
-    assert [c["n"] for c in gen.calls] == [2, 1] and all(c["num_samples"] == 3 for c in gen.calls)
+    stats = evaluate_dataset(_problems(), tok, gen, path, GEN3, progress=False)
+    assert len(gen.calls) == 3 and all(c["num_samples"] == 3 for c in gen.calls)  # one request per problem
     assert stats["new_problems"] == 3 and stats["new_tokens"] == sum(len(tok.encode(t)) for v in SCRIPT.values() for t in v)
     records = read_records(path)
     assert list(records) == ["p0", "p1", "p2"]
@@ -259,15 +262,21 @@ def test_evaluate_dataset_records_metrics_and_prompt(tmp_path, tok):
     assert s["maj_accuracy"] == pytest.approx(1 / 3)
 
 
+def test_a_cut_off_response_scores_only_through_a_box(tmp_path, tok):
+    # Sample 1 of each problem is cut off by the token limit (the scripted engine's "length"):
+    # its answer phrase is not a final answer; the same phrase in a finished response is.
+    script = {"Tom has 12": ["The answer is 20.", "the answer to part one is 20", r"\boxed{20}"]}
+    evaluate_dataset(_problems()[:1], tok, ScriptedEngine(tok, script), tmp_path / "x.jsonl", GEN3, progress=False)
+    rec = read_records(tmp_path / "x.jsonl")["p0"]
+    assert [r["answer"] for r in rec["responses"]] == ["20", None, "20"]
+    assert [r["correct"] for r in rec["responses"]] == [True, False, True]
+
+
 def test_evaluate_dataset_sends_the_student_prompt(tmp_path, tok):
-    seen = []
-
-    def fake(prompt_ids, *, num_samples, **kw):
-        seen.extend(prompt_ids)
-        return [FakeCompletion(tok.encode(r"\boxed{1}"), "stop") for _ in range(len(prompt_ids) * num_samples)]
-
     p = _problems()[1]
-    evaluate_dataset([p], tok, fake, tmp_path / "x.jsonl", dict(GEN3, samples=1), batch_size=8, progress=False)
+    gen = ScriptedEngine(tok, {"3 times 7": [r"\boxed{1}"]})
+    evaluate_dataset([p], tok, gen, tmp_path / "x.jsonl", dict(GEN3, samples=1), progress=False)
+    seen = [c["prompt"] for c in gen.calls]
     assert seen == [tok.encode_chat(prompts.student_chat(p.question), add_generation_prompt=True)]
     assert tok.decode(seen[0]).startswith("<|im_start|>system\n" + prompts.SYSTEM_PROMPT)
 
@@ -275,32 +284,32 @@ def test_evaluate_dataset_sends_the_student_prompt(tmp_path, tok):
 def test_evaluate_dataset_resumes_and_drops_a_partial_line(tmp_path, tok):
     path = tmp_path / "base__gsm8k.jsonl"
     problems = _problems()
-    evaluate_dataset(problems[:2], tok, ScriptedGenerator(tok, SCRIPT), path, GEN3, batch_size=64, progress=False)
+    evaluate_dataset(problems[:2], tok, ScriptedEngine(tok, SCRIPT), path, GEN3, progress=False)
     first = path.read_text()
     with open(path, "a") as f:  # a run killed while writing the third record
         f.write('{"id": "p2", "responses": [{"text": "cut')
-    gen = ScriptedGenerator(tok, SCRIPT)
+    gen = ScriptedEngine(tok, SCRIPT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PartialLineWarning)
-        stats = evaluate_dataset(problems, tok, gen, path, GEN3, batch_size=64, progress=False)
-    assert stats["new_problems"] == 1 and [c["n"] for c in gen.calls] == [1]  # only p2 was generated
+        stats = evaluate_dataset(problems, tok, gen, path, GEN3, progress=False)
+    assert stats["new_problems"] == 1 and len(gen.calls) == 1  # only p2 was generated
     text = path.read_text()
     assert text.startswith(first) and text.count("\n") == 3
     assert list(read_records(path)) == ["p0", "p1", "p2"]
     # A complete file: nothing left to do.
-    gen = ScriptedGenerator(tok, SCRIPT)
-    assert evaluate_dataset(problems, tok, gen, path, GEN3, batch_size=64, progress=False)["new_problems"] == 0
+    gen = ScriptedEngine(tok, SCRIPT)
+    assert evaluate_dataset(problems, tok, gen, path, GEN3, progress=False)["new_problems"] == 0
     assert gen.calls == []
 
 
-def test_evaluate_dataset_seeds_depend_on_the_problems_not_the_call_order(tmp_path, tok):
-    a, b = ScriptedGenerator(tok, SCRIPT), ScriptedGenerator(tok, SCRIPT)
-    evaluate_dataset(_problems(), tok, a, tmp_path / "a.jsonl", GEN3, batch_size=3, progress=False)
-    evaluate_dataset(_problems(), tok, b, tmp_path / "b.jsonl", GEN3, batch_size=3, progress=False)
+def test_evaluate_dataset_seeds_depend_on_the_problem_alone(tmp_path, tok):
+    a, b = ScriptedEngine(tok, SCRIPT), ScriptedEngine(tok, SCRIPT)
+    evaluate_dataset(_problems(), tok, a, tmp_path / "a.jsonl", GEN3, progress=False)
+    evaluate_dataset(_problems()[::-1], tok, b, tmp_path / "b.jsonl", GEN3, progress=False)
     seeds = [c["seed"] for c in a.calls]
-    assert seeds == [c["seed"] for c in b.calls] and len(set(seeds)) == 3
-    c = ScriptedGenerator(tok, SCRIPT)
-    evaluate_dataset(_problems(), tok, c, tmp_path / "c.jsonl", dict(GEN3, seed=6), batch_size=3, progress=False)
+    assert seeds == [c["seed"] for c in b.calls][::-1] and len(set(seeds)) == 3
+    c = ScriptedEngine(tok, SCRIPT)
+    evaluate_dataset(_problems(), tok, c, tmp_path / "c.jsonl", dict(GEN3, seed=6), progress=False)
     assert not set(seeds) & {x["seed"] for x in c.calls}
 
 
@@ -342,3 +351,23 @@ def test_default_token_caps_cover_every_dataset():
     from minissb.data import DATASETS
 
     assert set(DEFAULT_MAX_NEW_TOKENS) == set(DATASETS)
+
+
+def test_paired_difference_mcnemar_and_bootstrap():
+    from minissb.evaluate import paired_difference
+
+    # 7 discordant problems, 6 of them won by the other model: exact two-sided McNemar
+    # p = 2 * P(X <= 1), X ~ Binomial(7, 1/2) = 2 * 8 / 128.
+    base = [1] * 20 + [1] + [0] * 6 + [0] * 13
+    other = [1] * 20 + [0] + [1] * 6 + [0] * 13
+    r = paired_difference(base, other)
+    assert (r["only_base_right"], r["only_other_right"]) == (1, 6)
+    assert r["mcnemar_exact_p"] == pytest.approx(0.125)
+    assert r["delta"] == pytest.approx(5 / 40)
+    lo, hi = r["ci95"]
+    assert lo < 5 / 40 < hi and hi - lo < 0.3  # narrower than either 95% Wilson interval (0.30 and 0.28 wide)
+    # Identical answers: no difference and a zero-width interval, whatever the accuracy.
+    same = paired_difference([1, 0, 1, 1], [1, 0, 1, 1])
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["mcnemar_exact_p"] == 1.0
+    # Shares (avg@k) get the bootstrap only.
+    assert "mcnemar_exact_p" not in paired_difference([0.5, 1.0], [0.25, 1.0])

@@ -81,6 +81,77 @@ def test_extract_megabyte_and_odd_text():
     assert extract_answer("\\boxed{" + "a" * 1_000_000 + "}", "math500") == "a" * 1_000_000
 
 
+def test_extract_only_box_when_no_fallback_or_cut_off():
+    # fallback=False: the last \boxed{} or nothing, never a phrase
+    assert extract_answer("So the answer is 18.", "math500", fallback=False) is None
+    assert extract_answer("She earns 18 a day.\n#### 18", "gsm8k", fallback=False) is None
+    assert extract_answer(r"so \boxed{18}. The answer is 19.", "gsm8k", fallback=False) == "18"
+    # finished=False: cut off by the token limit; a phrase there may be about one part
+    cut = "Let us do part one first. So the answer to part one is 14"
+    for dataset in grader.DATASETS:
+        assert extract_answer(cut, dataset, finished=False) is None
+        assert not grade(cut, "14", dataset, finished=False)
+    assert extract_answer("Hence the answer is 14.\n#### 14", "gsm8k", finished=False) is None
+    assert extract_answer("The answer is 14.", "gsm8k", fallback=False, finished=True) is None
+    # a closed box still counts in a cut-off response
+    assert extract_answer(r"so $\boxed{14}$. Now part two: we", "gsm8k", finished=False) == "14"
+    assert grade(r"so $\boxed{14}$. Now part two: we", "14", "gsm8k", finished=False)
+    assert extract_answer("So the answer is 14.", "gsm8k", finished=True) == "14"
+
+
+# Several boxes that end the response together are one list answer, for a list gold only.
+# (text, gold, extracted with that gold, extracted without a gold: always the last box)
+ROOTS = r"The roots are $\boxed{2}$ and $\boxed{-3}$."
+JOINED_BOXES = [
+    (ROOTS, "-3, 2", "2, -3", "-3"),
+    (ROOTS, r"\{2,-3\}", "2, -3", "-3"),
+    (r"$x = \boxed{2}$ or $x = \boxed{-3}$", "-3, 2", "2, -3", "-3"),
+    (r"\[ x_1 = \boxed{2} \quad \text{or} \quad x_2 = \boxed{-3} \]", "-3, 2", "2, -3", "-3"),
+    (r"$\boxed{1+\sqrt{19}}, \boxed{1-\sqrt{19}}$", r"1 \pm \sqrt{19}",
+     r"1+\sqrt{19}, 1-\sqrt{19}", r"1-\sqrt{19}"),
+    (r"\boxed{-2}, \boxed{1\pm\sqrt5}", r"\{1\pm\sqrt{5},-2\}", r"-2, 1\pm\sqrt5", r"1\pm\sqrt5"),
+    # intermediate boxes in an earlier sentence or line are not part of the answer
+    (r"We get \boxed{5}. So the roots are \boxed{2} and \boxed{-3}.", "-3, 2", "2, -3", "-3"),
+    ("First \\boxed{4}.\nThe roots are \\boxed{2} and \\boxed{-3}", "-3, 2", "2, -3", "-3"),
+    ("\\boxed{2}\n\\boxed{-3}", "-3, 2", "-3", "-3"),
+    (r"\boxed{2} which gives \boxed{-3}", "-3, 2", "-3", "-3"),  # words between: not one answer
+    (r"x = 2 is a root. The other root is \boxed{-3}.", "-3, 2", "-3", "-3"),
+    (r"\boxed{2} and \boxed{-3", "-3, 2", None, None),  # cut off in the last box
+    # a single-value gold reads the last box alone
+    (ROOTS, "-3", "-3", "-3"),
+    (r"First \boxed{3}, then finally \boxed{5}.", "5", "5", "5"),
+    (r"\boxed{18} and \boxed{2}", "Janet sells 9 eggs.\n#### 18", "2", "2"),
+]
+
+
+@pytest.mark.parametrize("text, gold, with_gold, without", JOINED_BOXES)
+def test_extract_joins_final_boxes_for_a_list_gold(text, gold, with_gold, without):
+    dataset = "gsm8k" if "####" in gold else "math500"
+    assert extract_answer(text, dataset, gold=gold) == with_gold
+    assert extract_answer(text, dataset) == without
+
+
+def test_grade_joined_boxes_and_traps():
+    assert grade(r"The roots are $\boxed{2}$ and $\boxed{-3}$.", "-3, 2", "math500")
+    assert grade(r"The roots are $\boxed{2}$ and $\boxed{-3}$.", r"\{2,-3\}", "math500")
+    assert not grade(r"The roots are $\boxed{2}$ and $\boxed{3}$.", "-3, 2", "math500")
+    assert not grade(r"We get \boxed{2}. The other root is \boxed{-3}.", "-3, 2", "math500")
+    assert not grade(r"\boxed{2}, \boxed{-3} and \boxed{5}", "-3, 2", "math500")
+    assert not grade(r"The roots are $\boxed{2}$ and $\boxed{-3}$.", "2", "math500")
+
+
+def test_extract_joined_boxes_bounded():
+    many = r"\boxed{1} and " * 200_000 + r"\boxed{2}"
+    joined = extract_answer(many, "math500", gold="1, 2")
+    assert joined.count(",") == grader.MAX_JOINED_BOXES - 1 and joined.endswith("2")
+    spread = (r"\boxed{1}" + " " * 79) * 20_000 + r"\boxed{2}"
+    assert extract_answer(spread, "math500", gold="1, 2").endswith("1, 2")
+    huge = r"\boxed{" + "1 and " * 200_000 + r"} and \boxed{2}"  # an earlier box too long to join
+    assert extract_answer(huge, "math500", gold="1, 2") == "2"
+    unclosed = r"\boxed{" * 100_000 + r"1} and \boxed{2}"
+    assert extract_answer(unclosed, "math500", gold="1, 2") in ("1, 2", "2")
+
+
 @pytest.mark.parametrize("fn", [extract_answer, answer_key])
 def test_unknown_dataset_raises_value_error_naming_valid(fn):
     with pytest.raises(ValueError, match="gsm8k, math500, aime24"):
@@ -204,7 +275,8 @@ MATH_CASES = [
     ("(a+2)(b+5)", "(a+5)(b+2)", False),
     ("ab+2a+5b+10", "(a+5)(b+2)", False),  # "Factor ab+5b+2a+10": the question restated
     ("x^2+2x+1", "(x+1)^2", False),
-    ("(x-1)(x^4+x^2+1)", "x^5 - x^4 + x^3 - x^2 + x - 1", False),
+    # a factored answer for an expanded gold is the same polynomial ("Find the quotient")
+    ("(x-1)(x^4+x^2+1)", "x^5 - x^4 + x^3 - x^2 + x - 1", True),
     (r"\frac{\cos x}{\sin x}", r"\cot x", True),
     (r"\tan x", r"\cot x", False),
     ("-q+p", "p - q", True),
@@ -280,19 +352,101 @@ MATH_CASES = [
 def test_math500_equivalence(pred, gold, expected):
     assert is_equivalent(pred, gold, "math500") is expected
 
+COL3 = r"\begin{pmatrix} 1 \\ 2 \\ 3 \end{pmatrix}"
+ID2 = r"\begin{pmatrix} 1 & 0 \\ 0 & 1 \end{pmatrix}"
+
+# Answer forms of issue 13, each beside a near miss that must stay wrong.
+FORM_CASES = [
+    # 1. a column vector written as a tuple (and the reverse)
+    ("(1,2,3)", COL3, True),
+    (COL3, "(1,2,3)", True),
+    (r"(x,y,z) = (1,2,3)", COL3, True),
+    ("(1,3,2)", COL3, False),  # order
+    ("(1,2)", COL3, False),  # length
+    ("(1,2,3]", COL3, False),  # an interval bracket is no vector
+    ("(1,2,3)", r"\begin{pmatrix} 1 & 2 & 3 \end{pmatrix}", False),  # a row is another shape
+    # 2. a scalar times a matrix or vector
+    (r"2\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix}2\\4\end{pmatrix}", True),
+    (r"\frac{1}{2}\begin{pmatrix}2\\4\end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}", True),
+    (r"-\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix}-1\\-2\end{pmatrix}", True),
+    (r"3 \cdot" + ID2, r"\begin{pmatrix} 3 & 0 \\ 0 & 3 \end{pmatrix}", True),
+    (r"\begin{pmatrix}2\\4\end{pmatrix}", r"\frac{1}{\sqrt{2}}\begin{pmatrix}\sqrt8\\4\sqrt2\end{pmatrix}", True),
+    (r"2\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix}2\\3\end{pmatrix}", False),
+    (r"\frac{1}{2}\begin{pmatrix}2\\4\end{pmatrix}", r"\begin{pmatrix}2\\4\end{pmatrix}", False),
+    # 3. \mathbf{I}, -\mathbf{I}: the identity of the other side's size
+    (r"\mathbf{I}", ID2, True),
+    (r"-\mathbf{I}", r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}", True),
+    (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}", r"-\mathbf{I}", True),
+    (r"2\mathbf{I}_3", r"\begin{pmatrix} 2&0&0 \\ 0&2&0 \\ 0&0&2 \end{pmatrix}", True),
+    (r"-\mathbf{I}", ID2, False),
+    (r"\mathbf{I}", r"\begin{pmatrix} 1 & 0 \\ 0 & -1 \end{pmatrix}", False),
+    (r"\mathbf{I}_3", ID2, False),
+    (r"\mathbf{I}", r"\begin{pmatrix} 1 \\ 0 \end{pmatrix}", False),  # not square
+    (r"x\mathbf{I}", ID2, False),
+    # 4. a factored answer for an expanded gold (not the other way: see _factored)
+    ("(x-1)(x+2)", "x^2+x-2", True),
+    ("(x+2)(x-1)", "(x-1)(x+2)", True),
+    ("(x-1)(x+2)", "x^2-x-2", False),
+    ("x^2+x-2", "(x-1)(x+2)", False),  # "Factor x^2+x-2" answered with the question
+    # 5. labelled values against bare ones, either side
+    ("(3,2)", "(p,q)=(3,2)", True),
+    ("(p,q)=(3,2)", "(3,2)", True),
+    ("(q,p)=(2,3)", "(p,q)=(3,2)", True),  # matched by name
+    ("4, 5", "AB=4, CD=5", True),
+    ("AB=4, CD=5", "4, 5", True),
+    ("CD=5, AB=4", "AB=4, CD=5", True),
+    (r"\theta = \frac{\pi}{4}", r"\frac{\pi}{4}", True),
+    (r"\mathbf{v} = \begin{pmatrix} 1 \\ 2 \\ 3 \end{pmatrix}", COL3, True),
+    ("(2,3)", "(p,q)=(3,2)", False),
+    ("(q,p)=(3,2)", "(p,q)=(3,2)", False),
+    ("AB=5, CD=4", "AB=4, CD=5", False),
+    ("AB=4, CD=6", "4, 5", False),
+    ("x=1, y=2", "x=2, y=1", False),
+    ("ab = 4", "4", False),  # lower-case letters are a product, not a name
+    ("x + y = 5", "5", False),
+    # 7. \pm a against the set and the list of both signs
+    (r"\pm 3", r"\{-3, 3\}", True),
+    (r"\pm 3", "-3, 3", True),
+    (r"\{3,-3\}", r"\pm 3", True),
+    (r"x = \pm\sqrt{2}", r"-\sqrt2, \sqrt2", True),
+    (r"\pm a", r"\{-a, a\}", True),
+    (r"\pm 3", "3", False),
+    (r"\pm 3", r"\{3\}", False),
+    (r"\pm 3", r"\{-3, 3, 0\}", False),
+    (r"\pm 2", r"\{-3, 3\}", False),
+    # 8. an inequality the other way round
+    (r"5 \geq x", r"x \leq 5", True),
+    ("3 < x", "x > 3", True),
+    (r"7 \geq x > -2", r"(-2,7]", True),
+    (r"5 \leq x", r"x \leq 5", False),
+    ("3 > x", "x > 3", False),
+    (r"7 \geq x \geq -2", r"(-2,7]", False),
+    # 9. a chain: its last side is the value
+    ("x = 5+5+1 = 11", "11", True),
+    ("x = 5+5+1 = 11", "x = 11", True),
+    ("5+6 = 11", "11", True),
+    ("x = 5+6 = 12", "11", False),  # the last value counts, not an earlier one
+    ("x = 11 = 12", "11", False),
+]
+
+
+@pytest.mark.parametrize("pred, gold, expected", FORM_CASES)
+def test_math500_answer_forms(pred, gold, expected):
+    assert is_equivalent(pred, gold, "math500") is expected
+
 
 def test_math500_equivalence_in_a_worker_thread_matches():
     # No SIGALRM outside the main thread: the numeric test decides; verdicts must not change.
     results = {}
 
     def run():
-        results["thread"] = [is_equivalent(p, g, "math500") for p, g, _ in MATH_CASES]
+        results["thread"] = [is_equivalent(p, g, "math500") for p, g, _ in MATH_CASES + FORM_CASES]
 
     t = threading.Thread(target=run)
     t.start()
     t.join(timeout=120)
     assert not t.is_alive()
-    assert results["thread"] == [e for _, _, e in MATH_CASES]
+    assert results["thread"] == [e for _, _, e in MATH_CASES + FORM_CASES]
 
 
 def test_sympy_timer_leaves_signal_state_alone():
@@ -337,6 +491,10 @@ KEY_GROUPS = [
     ("math500", ["y = 2x + 3", "2x+3", "3+2x"], ["2x-3"]),
     ("math500", [r"\text{(C)}", "C", "(C)"], ["B"]),
     ("math500", [r"90^\circ", "90"], ["91"]),
+    ("math500", [COL3, "(1,2,3)", r"\frac{1}{2}\begin{pmatrix} 2 \\ 4 \\ 6 \end{pmatrix}"], ["(3,2,1)"]),
+    ("math500", ["(3,2)", "(p,q)=(3,2)"], ["(2,3)"]),
+    ("math500", ["x = 11", "x = 5+5+1 = 11", "11"], ["12"]),
+    ("math500", [r"x \leq 5", r"5 \geq x", r"(-\infty,5]"], [r"5 \leq x"]),
 ]
 
 
@@ -400,6 +558,11 @@ ADVERSARIAL = [
     "\\left( \\right] \\cup \\cup ,,, === \\pm\\pm",
     "\x00\uffff\U0001f600 \\u2212 \u2212 \u221e \u03c0",
     "a" * 1_000_000,
+    "2\\begin{pmatrix}" + "1 \\\\ " * 300 + "\\end{pmatrix}",
+    "(" + ",".join(f"x_{i}" for i in range(300)) + ") = (" + ",".join(map(str, range(300))) + ")",
+    "x = " + " = ".join(["1+1"] * 300),
+    "-" * 500 + "\\mathbf{I}",
+    "5 \\geq " * 200 + "x",
 ]
 
 

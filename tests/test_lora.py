@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import stat
 
 import pytest
 import torch
@@ -286,6 +289,13 @@ BAD_ADAPTERS = {
     "bad json": (lambda d: (d / "adapter_config.json").write_text("{r: 8"), "not valid JSON"),
     "lm head target": (lambda d: _edit_config(d, target_modules=TARGETS + ["lm_head"]), "never puts LoRA on the LM head"),
     "unknown target": (lambda d: _edit_config(d, target_modules=["qkv_proj"]), "'qkv_proj' matches no layer"),
+    "config is a list": (lambda d: (d / "adapter_config.json").write_text("[1, 2]"), "expected a JSON object, got a list"),
+    "string alpha": (lambda d: _edit_config(d, lora_alpha="16"), "lora_alpha must be a finite number, got '16'"),
+    "string dropout": (lambda d: _edit_config(d, lora_dropout="0.1"), "lora_dropout must be a number in [0, 1)"),
+    "truncated weights": (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:500]),
+                          "adapter_model.safetensors: not a readable safetensors file"),
+    "random weights": (lambda d: (d / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 8),
+                       "adapter_model.safetensors: not a readable safetensors file"),
 }
 
 
@@ -296,7 +306,7 @@ def test_bad_adapter_files(base_dir, tmp_path, case):
     corrupt, message = BAD_ADAPTERS[case]
     corrupt(tmp_path / "a")
     fresh = ours(base_dir)
-    with pytest.raises(LoRAError, match=message.replace("(", r"\(")):
+    with pytest.raises(LoRAError, match=re.escape(message)):
         load_adapter(fresh, tmp_path / "a")
     assert not lora_modules(fresh)  # checked before touching the model
 
@@ -333,3 +343,17 @@ def test_bf16_forward_close_to_float32(base_dir, ids):
     # The bf16 model trains too: gradients reach the float32 adapter weights.
     model16(ids).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_parameters(model16))
+
+
+def test_saved_adapter_files_get_the_usual_mode_and_no_temporaries(base_dir, tmp_path):
+    model = apply_lora(ours(base_dir), r=8, alpha=16, seed=0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ".adapter_model.safetensors.x1y2.tmp").write_bytes(b"half")  # left by a killed save
+    old = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {stat.S_IMODE((tmp_path / "a" / n).stat().st_mode) for n in names} == {0o644}  # not mkstemp's 0600

@@ -87,9 +87,17 @@ def test_sample_train_eval(tmp_path):
         assert p["solution"] == rf"\boxed{{{p['gold']}}}" and p["finish_reason"] == "stop"
         assert p["rollouts"]["n_correct"] >= 1 and p["rollouts"]["n_wrong"] >= 1
 
-    # Stage 3: LoRA distillation with the online teacher.
-    run("train.py", *common, "--dtype", "fp32", "--pairs", "runs/pairs.jsonl", "--out", "runs/train",
-        "--batch-size", "2", "--epochs", "1", "--lora-r", "4", "--lora-alpha", "8", cwd=tmp_path)
+    # Stage 2: the teacher's hidden states, one file per kept pair, S+1 rows each.
+    targets = sorted((tmp_path / "runs/pairs.targets").glob("*.safetensors"))
+    assert len(targets) == len(pairs)
+
+    # Stage 3: LoRA distillation from the captured targets (the default), then the online teacher.
+    train_args = ["--dtype", "fp32", "--pairs", "runs/pairs.jsonl", "--batch-size", "2", "--epochs", "1", "--lora-r", "4", "--lora-alpha", "8"]
+    run("train.py", *common, *train_args, "--out", "runs/train", cwd=tmp_path)
+    run("train.py", *common, *train_args, "--out", "runs/train-online", "--teacher", "online", cwd=tmp_path)
+    captured_m = [json.loads(line) for line in (tmp_path / "runs/train/metrics.jsonl").read_text().splitlines()]
+    online_m = [json.loads(line) for line in (tmp_path / "runs/train-online/metrics.jsonl").read_text().splitlines()]
+    assert [round(m["loss"], 4) for m in captured_m] == [round(m["loss"], 4) for m in online_m]
     adapter = tmp_path / "runs/train/adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
 

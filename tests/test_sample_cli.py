@@ -13,7 +13,6 @@ import pytest
 
 from minissb import prompts
 from minissb.data import read_jsonl
-from minissb.targets import TargetReader
 from minissb.testing import build_tiny_model
 from minissb.tokenizer import Tokenizer
 
@@ -40,6 +39,10 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("cli_model"), seed=3)
 
 
+def snapshot(directory):
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def sample(*args, **kw):
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120, **kw)
 
@@ -60,7 +63,8 @@ def test_kill_and_restart_loses_and_duplicates_nothing(model_dir, tmp_path):
     n = 16
     data = write_problems(tmp_path / "problems.jsonl", n)
     out = tmp_path / "run" / "pairs.jsonl"
-    args = ["--model", model_dir, "--data", data, "--out", out, "--batch-size", 1, "--max-new-tokens", 48, "--no-progress"]
+    # fp32: in bf16 a matmul over another set of rows can round a logit differently and flip a sample.
+    args = ["--model", model_dir, "--data", data, "--out", out, "--batch-size", 4, "--max-new-tokens", 48, "--dtype", "fp32", "--no-progress"]
     skipped = out.with_name("pairs.skipped.jsonl")
 
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *map(str, args)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -76,12 +80,12 @@ def test_kill_and_restart_loses_and_duplicates_nothing(model_dir, tmp_path):
     assert 2 <= done_at_kill < n
 
     # A restart with other arguments refuses and leaves the files alone.
-    before = {p: p.read_bytes() for p in out.parent.iterdir()}
+    before = snapshot(out.parent)
     refused = sample(*args, "--k", 3)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()] and refused.stderr.startswith("error: ")
     assert "num_rollouts: 4 there, 3 now" in refused.stderr
-    assert {p: p.read_bytes() for p in out.parent.iterdir()} == before
+    assert snapshot(out.parent) == before
 
     done = sample(*args)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -93,26 +97,21 @@ def test_kill_and_restart_loses_and_duplicates_nothing(model_dir, tmp_path):
     assert summary["rollout_tokens"] > 0
     assert "problems seen:     16" in done.stdout and "tokens/s" in done.stdout
     config = json.loads(out.with_name("pairs.run.json").read_text())
-    assert config["num_rollouts"] == 4 and config["dtype"] == "bf16" and config["model"] == str(model_dir.resolve())
+    assert config["num_rollouts"] == 4 and config["dtype"] == "fp32" and config["model"] == str(model_dir.resolve())
     for r in read_jsonl(skipped):
         assert r["reason"] in ("all_correct", "all_wrong", "no_answer", "teacher_wrong", "truncated", "leak", "copy")
         assert r["rollouts"]["k"] == 4 and len(r["rollouts"]["answers"]) == 4
 
-
-def test_targets_only_over_an_existing_pairs_file(model_dir, tmp_path):
-    tok = Tokenizer.from_dir(model_dir)
-    pairs = []
-    for i, solution in enumerate(["5 + 7 = 12. \\boxed{12}", "Add them: 3 + 4 = 7, so \\boxed{7}."]):
-        chat = prompts.teacher_chat(f"Question {i}?", "right \\boxed{1}", "wrong \\boxed{2}")
-        pairs.append({"id": f"gsm8k/train/{i}", "teacher_chat": chat, "solution_ids": tok.encode(solution)})
-    out = tmp_path / "pairs.jsonl"
-    out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    run = sample("--model", model_dir, "--out", out, "--targets-only", "--teacher-targets", "topk", "--targets-k", 8, "--dtype", "fp32", "--no-progress")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "bytes per token" in run.stdout
-    reader = TargetReader(tmp_path / "pairs.targets")
-    assert reader.meta["count"] == 2 and reader.meta["k"] == 8
-    assert reader.get("gsm8k/train/1")["ids"].shape == (len(pairs[1]["solution_ids"]) + 1, 8)
+    # Record for record what an uninterrupted run writes, with another pool size too: a problem's
+    # samples depend on the run seed and the problem alone, not on what shared the pool with it.
+    straight = tmp_path / "straight" / "pairs.jsonl"
+    other = [str(a) for a in args]
+    other[other.index(str(out))] = str(straight)
+    other[other.index("--batch-size") + 1] = "12"
+    assert sample(*other).returncode == 0
+    key = lambda path: sorted(json.dumps(r, sort_keys=True) for r in read_jsonl(path))  # noqa: E731
+    assert key(straight) == key(out)
+    assert key(straight.with_name("pairs.skipped.jsonl")) == key(skipped)
 
 
 @pytest.fixture
@@ -133,7 +132,7 @@ def existing_run(tmp_path):
         ("missing", "row 1 has no answer column"),
         ("dataset", "unknown dataset 'gsm9k'"),
         ("model", "does not exist"),
-        ("options", "--k 1: need at least 2 rollouts"),
+        ("options", "argument --k: must be an integer >= 2, got '1'"),
         ("mismatch", "belongs to a run with other arguments"),
     ],
 )
@@ -154,7 +153,12 @@ def test_bad_input_is_one_line_error_and_nothing_is_lost(case, message, model_di
         args["--k"] = 1
     before = {p: p.read_bytes() for p in existing_run.parent.iterdir()}
     argv = [str(x) for kv in args.items() for x in kv]
-    assert load_sample_module().main(argv) == 1
+    if case == "options":  # refused while parsing: argparse's exit status 2
+        with pytest.raises(SystemExit) as exit_info:
+            load_sample_module().main(argv)
+        assert exit_info.value.code == 2
+    else:
+        assert load_sample_module().main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err

@@ -4,10 +4,11 @@ import json
 import random
 
 import pytest
+import torch
 
 from minissb import prompts
 from minissb.data import Problem, read_jsonl
-from minissb.generate import Completion
+from minissb.engine import Completion
 from minissb.ssb import (
     RunFiles,
     SSBError,
@@ -106,32 +107,49 @@ def test_teacher_verification(solution, finish, reason):
 # ----------------------------------------------------------------------------- the run with a scripted generator
 
 
-class ScriptedGenerator:
-    """Stand-in for minissb.generate: returns chosen texts for each problem's rollouts and teacher.
+class ScriptedEngine:
+    """Stand-in for minissb.engine.Engine: chosen texts for each problem's rollouts and teacher.
 
     script: question -> {"rollouts": [text | (text, finish)], "teacher": text | (text, finish)}.
-    It recognises the prompt by decoding it: a teacher prompt carries the hint labels.
+    It finds the problem by decoding the prompt, and the teacher's requests by their tag. Like the
+    engine it pulls the feed lazily, serves add()ed requests first, and yields each request's
+    completions at once; fail_on_call raises in the middle of the run, as a crash would.
     """
 
     def __init__(self, tokenizer, script, fail_on_call=None):
         self.tok, self.script, self.calls, self.fail_on_call = tokenizer, script, [], fail_on_call
+        self.queue = []
 
-    def __call__(self, prompts_ids, *, num_samples, temperature, top_k, max_new_tokens, seed):
+    def add(self, request):
+        self.queue.append(request)
+
+    def run(self, feed):
+        feed = iter(feed)
+        while True:
+            req = self.queue.pop(0) if self.queue else next(feed, None)
+            if req is None:
+                return
+            yield self._answer(req)
+
+    def _answer(self, req):
+        from minissb.engine import RequestOutput
+
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
-            raise KeyboardInterrupt("killed")  # a crash in the middle of a batch
-        texts = [self.tok.decode(p) for p in prompts_ids]
-        teacher = [prompts.LABEL_CORRECT in t for t in texts]
-        self.calls.append({"texts": texts, "teacher": teacher, "num_samples": num_samples, "temperature": temperature, "top_k": top_k, "seed": seed})
-        out = []
-        for i, text in enumerate(texts):
-            entry = next(v for q, v in self.script.items() if q in text)
-            outputs = [entry["teacher"]] if teacher[i] else entry["rollouts"]
-            assert len(outputs) == num_samples
-            for j, o in enumerate(outputs):
-                o, finish = (o, "stop") if isinstance(o, str) else o
-                ids = self.tok.encode(o)
-                out.append(Completion(prompt_index=i, sample_index=j, token_ids=ids, text=o, finish_reason=finish))
-        return out
+            raise KeyboardInterrupt("killed")  # a crash in the middle of the run
+        text = self.tok.decode(req.prompt)
+        teacher = req.tag[0] == "teacher"
+        self.calls.append({"text": text, "teacher": teacher, "num_samples": req.num_samples, "temperature": req.temperature,
+                           "top_k": req.top_k, "seed": req.seed, "return_hidden": req.return_hidden})
+        entry = next(v for q, v in self.script.items() if q in text)
+        outputs = [entry["teacher"]] if teacher else entry["rollouts"]
+        assert len(outputs) == req.num_samples
+        comps = []
+        for j, o in enumerate(outputs):
+            o, finish = (o, "stop") if isinstance(o, str) else o
+            ids = self.tok.encode(o)
+            hidden = torch.randn(len(ids) + (finish == "stop"), 8) if req.return_hidden else None
+            comps.append(Completion(prompt_index=0, sample_index=j, token_ids=ids, text=o, finish_reason=finish, hidden=hidden))
+        return RequestOutput(req, comps)
 
 
 def problems_and_script():
@@ -156,11 +174,11 @@ def tok(tiny_tokenizer_dir):
     return Tokenizer.from_dir(tiny_tokenizer_dir)
 
 
-def run(tok, tmp_path, opts=None, gen=None, problems=None):
+def run(tok, tmp_path, opts=None, gen=None, problems=None, targets=None):
     probs, script = problems_and_script()
-    gen = gen or ScriptedGenerator(tok, script)
+    gen = gen or ScriptedEngine(tok, script)
     files = RunFiles(tmp_path / "pairs.jsonl")
-    summary = run_stage1(problems or probs, tok, gen, files, opts or Stage1Options(batch_size=3), "tiny", progress=False)
+    summary = run_stage1(problems or probs, tok, gen, files, opts or Stage1Options(), "tiny", targets, progress=False)
     return files, summary, gen
 
 
@@ -188,9 +206,11 @@ def test_full_flow_records_and_summary(tok, tmp_path):
     assert leak["solution"].startswith("The student in response 1") and "leak" in leak["gates"]["fired"]
 
     # generation settings: rollouts K=4 at T=0.8 top-k 50, teacher one sample at T=0.4
-    rollout_calls = [c for c in gen.calls if not any(c["teacher"])]
-    teacher_calls = [c for c in gen.calls if all(c["teacher"])]
-    assert len(rollout_calls) == 3 and len(teacher_calls) == 3  # batches of 3, 3, 1 problems, each with a mixed one
+    rollout_calls = [c for c in gen.calls if not c["teacher"]]
+    teacher_calls = [c for c in gen.calls if c["teacher"]]
+    assert len(rollout_calls) == 7 and len(teacher_calls) == 4  # one request per problem, one per mixed problem
+    assert len({c["seed"] for c in gen.calls}) == 11  # each problem's rollouts and teacher have their own seed
+    assert not any(c["return_hidden"] for c in gen.calls)  # no targets folder given: nothing captured
     assert all((c["num_samples"], c["temperature"], c["top_k"]) == (4, 0.8, 50) for c in rollout_calls)
     assert all((c["num_samples"], c["temperature"], c["top_k"]) == (1, 0.4, 50) for c in teacher_calls)
 
@@ -203,29 +223,29 @@ def test_full_flow_records_and_summary(tok, tmp_path):
 
 def test_hint_options_change_the_teacher_prompt_only(tok, tmp_path):
     _, _, base = run(tok, tmp_path / "a")
-    files, _, gen = run(tok, tmp_path / "b", Stage1Options(batch_size=3, hint_order="wrong-first", hint_gold=True))
+    files, _, gen = run(tok, tmp_path / "b", Stage1Options(hint_order="wrong-first", hint_gold=True))
     user = read_jsonl(files.pairs)[0]["teacher_chat"][-1]["content"]
     assert user.index(prompts.LABEL_WRONG) < user.index(prompts.LABEL_CORRECT)
     assert f"{prompts.LABEL_GOLD} 2" in user
-    rollouts = lambda g: [c for c in g.calls if not any(c["teacher"])]  # noqa: E731
+    rollouts = lambda g: [c for c in g.calls if not c["teacher"]]  # noqa: E731
     assert rollouts(gen) == rollouts(base)  # same rollout prompts, same seeds
 
 
 def test_stops_after_num_pairs_and_extends_on_restart(tok, tmp_path):
-    files, summary, _ = run(tok, tmp_path, Stage1Options(batch_size=7, num_pairs=1))
+    files, summary, _ = run(tok, tmp_path, Stage1Options(num_pairs=1))
     assert summary["pairs_kept"] == 1
     assert "t/7" not in {r["id"] for r in read_jsonl(files.skipped)}  # the unused mixed problem stays undone
-    files, summary, gen = run(tok, tmp_path, Stage1Options(batch_size=7, num_pairs=5))
+    files, summary, gen = run(tok, tmp_path, Stage1Options(num_pairs=5))
     assert [p["id"] for p in read_jsonl(files.pairs)] == ["t/1", "t/7"]
     assert summary["problems_seen"] == 7 and summary["sessions"] == 2
-    assert [t for c in gen.calls for t in c["texts"] if "Question number 1:" in t] == []  # nothing redone
+    assert [t for c in gen.calls if "Question number 1:" in c["text"]] == []  # nothing redone
 
 
 def test_crash_mid_batch_then_resume_loses_and_duplicates_nothing(tok, tmp_path):
     probs, script = problems_and_script()
     reference, _, _ = run(tok, tmp_path / "ref")
-    # crash at the teacher call of the second batch: its skips are already on disk
-    crashing = ScriptedGenerator(tok, script, fail_on_call=3)
+    # crash at the rollouts of the fifth problem: the four before it are already on disk
+    crashing = ScriptedEngine(tok, script, fail_on_call=5)
     with pytest.raises(KeyboardInterrupt):
         run(tok, tmp_path / "run", gen=crashing)
     files = RunFiles(tmp_path / "run" / "pairs.jsonl")
@@ -242,6 +262,42 @@ def test_crash_mid_batch_then_resume_loses_and_duplicates_nothing(tok, tmp_path)
     assert strip(read_jsonl(files.pairs)) == strip(read_jsonl(reference.pairs))
     assert strip(read_jsonl(files.skipped)) == strip(read_jsonl(reference.skipped))
     assert summary["problems_seen"] == 7 and summary["pairs_kept"] == 2
+
+
+def test_answers_come_only_from_boxed(tok, tmp_path):
+    # "the answer is ..." phrases are not answers in stage 1: a cut-off rollout ending on one
+    # would count as a wrong answer and make an all-correct problem look mixed.
+    p = [Problem(id="q/1", question="Question number 1: what is 1 plus 1?", gold="2", dataset="gsm8k"),
+         Problem(id="q/2", question="Question number 2: what is 2 plus 2?", gold="4", dataset="gsm8k")]
+    script = {
+        p[0].question: {"rollouts": [boxed(2), boxed(2), ("So the answer depends on the number of", "length"), "The answer is 3."], "teacher": None},
+        p[1].question: {"rollouts": ["The answer is 4.", "The answer is 5.", "the answer is 4", "Final answer: 4"], "teacher": None},
+    }
+    files, summary, _ = run(tok, tmp_path, gen=ScriptedEngine(tok, script), problems=p)
+    assert {r["id"]: r["reason"] for r in read_jsonl(files.skipped)} == {"q/1": "all_correct", "q/2": "no_answer"}
+    assert read_jsonl(files.skipped)[0]["rollouts"]["answers"] == ["2", "2", None, None]
+
+
+def test_captured_targets_for_kept_pairs_only(tok, tmp_path):
+    from minissb.targets import CapturedTargets
+
+    targets = CapturedTargets(tmp_path / "pairs.targets")
+    targets.open_for_writing("tiny", torch.float32, torch.float32, 8, [])
+    files, summary, gen = run(tok, tmp_path, targets=targets)
+    assert [c["return_hidden"] for c in gen.calls if c["teacher"]] == [True] * 4 and not any(c["return_hidden"] for c in gen.calls if not c["teacher"])
+    pairs = read_jsonl(files.pairs)
+    assert sorted(f.name.split("-")[0] for f in (tmp_path / "pairs.targets").glob("*.safetensors")) == ["t_1", "t_7"]
+    for pair in pairs:
+        assert targets.read(pair["id"], pair["solution_ids"]).shape == (len(pair["solution_ids"]) + 1, 8)
+    assert summary["target_rows"] == sum(len(p["solution_ids"]) + 1 for p in pairs) and summary["target_bytes"] > 0
+    # An orphan (targets written, pair line never appended: a kill between the two) is removed on restart.
+    targets.write("t/9", [1, 2], torch.zeros(3, 8))
+    targets.open_for_writing("tiny", torch.float32, torch.float32, 8, [p["id"] for p in pairs])
+    assert not targets.has("t/9") and all(targets.has(p["id"]) for p in pairs)
+    from minissb.targets import TargetsError
+
+    with pytest.raises(TargetsError, match="other settings"):
+        targets.open_for_writing("tiny", torch.bfloat16, torch.float32, 8, [])
 
 
 def test_run_config_mismatch_is_refused(tmp_path):
@@ -262,3 +318,61 @@ def test_bad_options_are_refused():
     for bad in (dict(num_rollouts=1), dict(hint_order="random"), dict(copy_threshold=0), dict(batch_size=0)):
         with pytest.raises(SSBError):
             Stage1Options(**bad).validate()
+
+
+# ----------------------------------------------------------------------------- recipes and prompt files
+
+
+def test_exact_answer_rule_and_gates_off_as_in_the_original(tok, tmp_path):
+    # "$4.00" is 4 by meaning but not the gold string "4": under the exact rule it is a wrong
+    # answer, so the problem is mixed; under ours it is all correct.
+    p = [Problem(id="e/1", question="Question number 1: what is 2 plus 2?", gold="4", dataset="gsm8k")]
+    leak = "The student in response 1 is right. " + boxed(4, "Two and two make four, as two plus two is four.")
+    script = {p[0].question: {"rollouts": [boxed(4), boxed("4.00"), boxed(4), boxed(4)], "teacher": leak}}
+    files, _, _ = run(tok, tmp_path / "ours", gen=ScriptedEngine(tok, script), problems=p)
+    assert read_jsonl(files.skipped)[0]["reason"] == "all_correct"
+    opts = Stage1Options(answer_rule="exact", gates=False)
+    files, _, _ = run(tok, tmp_path / "exact", opts, gen=ScriptedEngine(tok, script), problems=p)
+    pair = read_jsonl(files.pairs)[0]  # kept although the leak gate fired: the gates do not decide
+    assert pair["rollouts"]["wrong_answer"] == "4.00" and "leak" in pair["gates"]["fired"]
+
+
+def test_prompt_files_render_as_given(tok, tmp_path):
+    template = "SOLVE {question}\nGOOD: {correct}\nBAD: {wrong}\nKeep \\boxed{} as written."
+    (tmp_path / "t.txt").write_text(template)
+    (tmp_path / "s.txt").write_text("You are a tester.")
+    opts = Stage1Options(system_prompt=prompts.read_prompt_file(tmp_path / "s.txt", teacher=False),
+                         teacher_template=prompts.read_prompt_file(tmp_path / "t.txt", teacher=True))
+    files, _, gen = run(tok, tmp_path / "run", opts)
+    pair = read_jsonl(files.pairs)[0]
+    assert pair["student_chat"][0]["content"] == "You are a tester." and pair["teacher_chat"][0]["content"] == "You are a tester."
+    user = pair["teacher_chat"][1]["content"]
+    assert user.startswith("SOLVE Question number 1: what is 1 plus 1?\nGOOD: ") and user.endswith("Keep \\boxed{} as written.")
+    assert "\nBAD: " in user and prompts.LABEL_CORRECT not in user
+    assert all("You are a tester." in c["text"] for c in gen.calls)  # rollouts saw the file's system prompt too
+    (tmp_path / "bad.txt").write_text("SOLVE {question} with {correct}")
+    with pytest.raises(prompts.PromptFileError, match=r"no \{wrong\} placeholder"):
+        prompts.read_prompt_file(tmp_path / "bad.txt", teacher=True)
+
+
+def test_recipe_original_sets_the_settings_and_needs_the_prompt_files(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from minissb.recipes import ORIGINAL, parse_with_recipe
+
+    spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).resolve().parents[1] / "sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    files = ["--system-prompt-file", "s.txt", "--teacher-prompt-file", "t.txt"]
+    args = parse_with_recipe(sample.build_parser(), ["--recipe", "original", *files], "sample")
+    for key, value in ORIGINAL["sample"].items():
+        assert getattr(args, key) == value, key
+    assert (args.top_p, args.repetition_penalty, args.answer_rule, args.max_new_tokens) == (0.8, 1.05, "exact", 8192)
+    mine = parse_with_recipe(sample.build_parser(), [], "sample")
+    assert (mine.top_p, mine.repetition_penalty, mine.answer_rule, mine.no_gates) == (None, 1.0, "meaning", False)
+    override = parse_with_recipe(sample.build_parser(), ["--recipe", "original", *files, "--max-new-tokens", "1024"], "sample")
+    assert override.max_new_tokens == 1024 and override.top_p == 0.8  # an explicit option wins
+    with pytest.raises(SystemExit):
+        parse_with_recipe(sample.build_parser(), ["--recipe", "original"], "sample")
+    assert "needs --system-prompt-file" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def test_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     plot = importlib.util.find_spec("matplotlib") is not None
     proc = run_train("--pairs", pairs, "--model", tiny_model_dir, "--out", out, "--device", "cpu", "--dtype", "fp32",
-                     "--epochs", "2", "--batch-size", "2", "--micro-batch-size", "1", "--lora-r", "4",
+                     "--teacher", "online", "--epochs", "2", "--batch-size", "2", "--micro-batch-size", "1", "--lora-r", "4",
                      "--save-every", "2", "--grad-checkpointing", *(["--plot"] if plot else []))
     assert proc.returncode == 0, proc.stderr
     assert "5 pairs, 3 steps/epoch x 2 epochs -> 6 steps" in proc.stdout + proc.stderr
@@ -116,7 +116,7 @@ def main_error(train_module, capsys, *args):
 
 def test_bad_input_gives_one_error_line(tmp_path, tiny_model_dir, train_module, capsys):
     tok = Tokenizer.from_dir(tiny_model_dir)
-    common = ("--model", tiny_model_dir, "--device", "cpu", "--dtype", "fp32")
+    common = ("--model", tiny_model_dir, "--device", "cpu", "--dtype", "fp32", "--teacher", "online")
     good = write_pairs(tmp_path / "good.jsonl", tok, ["4 = 4. \\boxed{4}"] * 3)
 
     # One real process: the exit status and stderr a shell sees.
@@ -138,6 +138,7 @@ def test_bad_input_gives_one_error_line(tmp_path, tiny_model_dir, train_module, 
                      "--batch-size", "1", "--warmup-ratio", "0", *common)
     assert "non-finite" in msg and "at step" in msg and "gsm8k/train/" in msg
 
-    assert "no checkpoint" in main_error(train_module, capsys, "--pairs", good, "--out", tmp_path / "e", "--resume", *common)
+    assert "holds no training run to continue" in main_error(train_module, capsys, "--pairs", good, "--out", tmp_path / "e",
+                                                             "--resume", *common)
     assert "--micro-batch-size" in main_error(train_module, capsys, "--pairs", good, "--out", tmp_path / "f",
                                               "--micro-batch-size", "8", *common)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The SSB experiment on real weights (issue 14), stage by stage; every stage resumes, so rerun
+# this script after a stop and it continues. Outputs go to runs/ssb-coder1.5b-cpu/ (git-ignored);
+# the small text outputs of each finished stage are copied here (results/ssb-coder1.5b-cpu/).
+#   bash ../shared/tools/build-real-qwen.sh 1.5b      # once: ~/.cache/minissb/qwen2.5-coder-1.5b-instruct
+#   nohup bash results/ssb-coder1.5b-cpu/run.sh STAGE > runs/ssb-coder1.5b-cpu/STAGE.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+M=${M:-$HOME/.cache/minissb/qwen2.5-coder-1.5b-instruct}
+DATA=${DATA:-../shared/data}
+RUN=runs/ssb-coder1.5b-cpu
+RES=results/ssb-coder1.5b-cpu
+HINT=${HINT:-}   # the hinted-prompt variant chosen by the probe, e.g. "--hint-order wrong-first"
+
+case "${1:?stage: probe | variants | stage1 | train | train-copy | eval}" in
+  probe)     # stage 1 on the first 40 problems, rollout texts kept, default prompt
+    python sample.py --model "$M" --data "$DATA" --limit 40 --max-new-tokens 512 --keep-rollouts \
+      --num-pairs 1000 --out $RUN/probe/pairs.jsonl
+    mkdir -p $RES/probe && cp $RUN/probe/pairs.{jsonl,skipped.jsonl,summary.json,run.json} $RES/probe/ ;;
+  variants)  # the teacher alone, once per hinted-prompt variant, on the probe's stored rollouts
+    python bench/teacher_variants.py --model "$M" --run $RUN/probe/pairs.jsonl --out $RES/variants.json ;;
+  stage1)    # stages 1-2 from the first problem until 32 pairs or 240 problems, targets captured
+    python sample.py --model "$M" --data "$DATA" --limit 240 --max-new-tokens 512 --num-pairs 32 $HINT \
+      --out $RUN/stage1/pairs.jsonl
+    mkdir -p $RES/stage1 && cp $RUN/stage1/pairs.{jsonl,skipped.jsonl,summary.json,run.json} $RES/stage1/ ;;
+  train)     # the paper's settings (r=32, alpha=32, T=2, batch 4, 3 epochs, lr 2e-4), captured targets
+    python train.py --model "$M" --pairs $RUN/stage1/pairs.jsonl --out $RUN/train --plot --save-every 4
+    mkdir -p $RES/train && cp $RUN/train/{metrics.jsonl,metrics.png,run.json} $RES/train/ ;;
+  train-copy) # a second student on the pairs only the copy gate rejected (online teacher: rejects store no targets)
+    python - <<'PY'
+import json
+rows = [json.loads(l) for l in open("runs/ssb-coder1.5b-cpu/stage1/pairs.skipped.jsonl")]
+keep = [r for r in rows if r["reason"] == "copy" and r["gates"]["fired"] == ["copy"]]
+print(f"{len(keep)} pairs rejected by the copy gate alone")
+with open("runs/ssb-coder1.5b-cpu/copy-pairs.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in keep)
+PY
+    python train.py --model "$M" --pairs $RUN/copy-pairs.jsonl --out $RUN/train-copy --teacher online --plot --save-every 4
+    mkdir -p $RES/train-copy && cp $RUN/train-copy/{metrics.jsonl,metrics.png,run.json} $RES/train-copy/ ;;
+  eval)      # base and students, greedy, the first 200 GSM8K test and 100 MATH-500 problems
+    adapters=(--adapter ssb=$RUN/train/adapter)
+    [ -d $RUN/train-copy/adapter ] && adapters+=(--adapter copy-rejected=$RUN/train-copy/adapter)
+    python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets gsm8k --limit 200 --max-new-tokens 512 --out $RUN/eval-gsm8k
+    python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets math500 --limit 100 --max-new-tokens 1024 --out $RUN/eval-math500
+    mkdir -p $RES/eval && cp $RUN/eval-gsm8k/results.json $RES/eval/results-gsm8k.json && cp $RUN/eval-math500/results.json $RES/eval/results-math500.json ;;
+esac
