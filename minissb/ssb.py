@@ -560,12 +560,16 @@ def stage1_max_len(tokenizer, problems: Sequence[Problem], opts: Stage1Options) 
 
 def sample_main(args) -> int:
     """sample.py after argument parsing: check everything, load, then stream stage 1 through the engine."""
-    from minissb.cli import resolve_dtype_name, torch_device
+    from minissb.cli import check_output_dir, resolve_dtype_name, torch_device
     from minissb.data import data_file, file_sha256, load_problems
     from minissb.engine import Engine
     from minissb.model import resolve_model_dir
 
     files = RunFiles(Path(args.out))
+    check_output_dir(files.pairs.parent)  # a file where the folder belongs, or read-only: fail before loading
+    for path in (files.pairs, files.skipped, files.summary):
+        if path.is_dir():
+            raise SSBError(f"--out: {path} is a directory; pass the path of the pairs file (e.g. {path}/pairs.jsonl)")
     opts = Stage1Options(
         num_rollouts=args.num_rollouts, rollout_temperature=args.rollout_temperature, top_k=args.top_k or None,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, teacher_temperature=args.teacher_temperature,

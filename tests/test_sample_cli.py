@@ -163,3 +163,13 @@ def test_bad_input_is_one_line_error_and_nothing_is_lost(case, message, model_di
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert {p: p.read_bytes() for p in existing_run.parent.iterdir()} == before
+
+
+def test_out_that_is_a_directory_or_under_a_file_is_one_error_line(model_dir, tmp_path):
+    data = write_problems(tmp_path / "ok.jsonl", 2)
+    (tmp_path / "d" / "pairs.jsonl").mkdir(parents=True)
+    (tmp_path / "f").write_text("")
+    for out, message in ((tmp_path / "d" / "pairs.jsonl", "is a directory"), (tmp_path / "f" / "pairs.jsonl", "is a file")):
+        run = sample("--model", model_dir, "--data", data, "--out", out, "--dtype", "fp32")
+        assert run.returncode == 1 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+        assert message in run.stderr
