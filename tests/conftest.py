@@ -7,6 +7,7 @@ The tiny dirs are built once per session with minissb.testing; treat them as rea
 from pathlib import Path
 
 import pytest
+import torch
 
 from minissb.testing import build_tiny_model, build_tiny_tokenizer
 
@@ -46,3 +47,14 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """2 layers, hidden 64, 4 heads / 2 KV heads, vocab 512 (483 tokenizer ids), tied, fp32, seed 0."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (use: pytestmark = pytest.mark.usefixtures("one_thread")).
+    Tiny matrices gain nothing from threads, and on a busy 2-core machine every small op of a
+    2-thread pool can wait a scheduler slice at its barrier: thousands of ops per test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,14 +37,7 @@ CFG = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy machine every small op of a
-    # 2-thread pool can wait a scheduler slice at its barrier: thousands of ops per test.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
