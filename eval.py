@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from minissb.cli import DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, float_range, int_range, run_main
+from minissb.runs import DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, float_range, int_range, run_main
 from minissb.recipes import add_recipe_argument, parse_with_recipe
 
 # Literal copies (kept in sync by tests/test_eval_cli.py) so that --help imports no torch.
@@ -76,11 +77,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def evaluate(args) -> list[dict]:
+    """Evaluate the base model and each adapter on each dataset; print and save the table."""
+    import torch  # here, so that --help and bad options come without the wait for torch
+
+    from minissb import prompts
+    from minissb.engine import Engine
+    from minissb.evaluate import (add_deltas, check_adapters_fit, check_options, eval_max_len, evaluate_dataset, format_table,
+                                  load_eval_problems, make_targets, plan_runs, result_row, table_legend)
+    from minissb.lora import load_adapter, merge_lora
+    from minissb.model import from_pretrained, resolve_model_dir
+    from minissb.runs import remove_temp_files, resolve_dtype_name, torch_device, torch_dtype, write_json_atomic
+    from minissb.tokenizer import Tokenizer
+
+    # Everything that can be wrong with the inputs is found before the first token is generated.
+    datasets, data_files, top_k, top_p = check_options(args)
+    system_prompt = prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None
+    problems = load_eval_problems(datasets, args.data_dir, data_files, args.limit)
+    targets = make_targets(args.adapter, include_base=not args.no_base)
+    model_dir = resolve_model_dir(args.model)
+    check_adapters_fit(model_dir, targets, args.model)
+    tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
+    device = torch_device(args.device)
+    dtype_name = resolve_dtype_name(args.dtype, device)
+    plans = plan_runs(args, targets, problems, data_files, dtype_name, top_k, top_p, system_prompt)
+    out_dir = Path(args.out)
+    remove_temp_files(out_dir)  # left by a run killed mid-write or stopped by a full disk
+
+    results, model, pristine = [], None, False
+    for t in targets:
+        todo = [p for p in plans if p.target is t and p.todo]
+        if todo:
+            # Each adapter goes onto freshly loaded base weights: unmerging a bf16 merge does not give the base
+            # weights back bit for bit (minissb.lora), and reloading is cheap next to generation.
+            if model is None or not pristine:
+                model = None  # drop every reference to the old weights before loading new ones
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                model, pristine = from_pretrained(model_dir, dtype=torch_dtype(dtype_name), device=device), True
+            if t.adapter is not None:
+                merge_lora(load_adapter(model, t.adapter))  # base-model speed: no LoRA branch in the forward pass
+                pristine = False
+        for plan in (p for p in plans if p.target is t):
+            session = {"new_problems": 0, "new_tokens": 0, "seconds": 0.0}
+            if plan.todo:
+                write_json_atomic(plan.config_path, plan.config)
+                engine = Engine(model, max(args.batch_size, args.samples), eval_max_len(tokenizer, problems[plan.dataset], plan.gen),
+                                stop_ids=tokenizer.stop_ids, tokenizer=tokenizer, cuda_graphs=args.cuda_graphs)
+                session = evaluate_dataset(problems[plan.dataset], tokenizer, engine, plan.responses, plan.gen,
+                                           not args.no_progress, desc=f"{t.label} {plan.dataset}")
+                del engine  # its KV cache goes before the next model loads
+                print(f"{t.label} {plan.dataset}: {session['new_problems']} problems, {session['new_tokens']} tokens "
+                      f"in {session['seconds']:.1f} s ({session['new_tokens'] / max(session['seconds'], 1e-9):.1f} tokens/s)")
+            results.append(result_row(plan, problems[plan.dataset], session))
+
+    results.sort(key=lambda r: datasets.index(r["dataset"]))  # stable: within a dataset, base first, then adapters in order
+    add_deltas(results)
+    print(format_table(results))
+    print(table_legend(args.samples))
+    write_json_atomic(out_dir / "results.json", {
+        "model": args.model, "device": str(device), "dtype": dtype_name,
+        "interval": "95% Wilson score interval over problems; paired_vs_base: paired bootstrap 95% interval of the difference",
+        "results": results,
+    })
+    print(f"wrote {out_dir / 'results.json'}")
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_with_recipe(build_parser(), argv, "eval")
-    from minissb.evaluate import eval_main  # after parsing, so --help is instant
-
-    return run_main(lambda: eval_main(args))
+    return run_main(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

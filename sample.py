@@ -15,10 +15,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from minissb import gates
-from minissb.cli import DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, float_range, int_range, run_main
+import torch
+from tqdm import tqdm
+
+from minissb import gates, prompts
+from minissb.data import data_file, load_problems
+from minissb.engine import Engine
+from minissb.model import from_pretrained, resolve_model_dir
 from minissb.recipes import add_recipe_argument, parse_with_recipe
+from minissb.runs import (DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, check_output_dir, check_run_config,
+                          file_sha256, float_range, int_range, model_identity, resolve_dtype_name, run_main, torch_device,
+                          torch_dtype, write_json_atomic)
+from minissb.ssb import RunFiles, RunStats, Stage1, Stage1Options, format_summary, read_done, run_config, stage1_max_len
+from minissb.targets import CapturedTargets
+from minissb.tokenizer import Tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,26 +69,119 @@ def build_parser() -> argparse.ArgumentParser:
                         "filled in; its own order of sections (default: minissb's hinted prompt)")
     g.add_argument("--answer-rule", default="meaning", choices=["meaning", "exact"],
                    help="right answer = equal by meaning (minissb.grader), or the boxed string equal to the gold string (the original)")
-    g.add_argument("--no-gates", action="store_true", help="the quality gates are measured but do not reject (the original has none)")
+    g.add_argument("--no-gates", dest="gates", action="store_false", help="the quality gates are measured but do not reject (the original has none)")
     g.add_argument("--copy-threshold", type=float_range(0, 1, low_open=True), default=gates.COPY_THRESHOLD,
                    help=f"copy gate: reject a teacher solution when more than this share of its {gates.COPY_NGRAM}-word n-grams (outside the question) is in an attempt or the prompt")
     g.add_argument("--keep-rollouts", action="store_true", help="also store every rollout's text in the records")
     g.add_argument("--seed", type=int_range(0), default=0, help="sampling seed")
 
     g = p.add_argument_group("stage 2: captured teacher targets")
-    g.add_argument("--no-targets", action="store_true", help="do not store the teacher's hidden states (train.py then needs --teacher online)")
-    g.add_argument("--targets-bf16", action="store_true", help="store the hidden states in bf16 whatever the dtype the teacher ran in")
+    g.add_argument("--no-targets", dest="capture_targets", action="store_false", help="do not store the teacher's hidden states (train.py then needs --teacher online)")
+    g.add_argument("--targets-bf16", dest="targets_dtype", action="store_const", const="bfloat16", help="store the hidden states in bf16 whatever the dtype the teacher ran in")
 
     add_recipe_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+SCRIPT_ONLY = ("model", "tokenizer", "dtype", "device", "cuda_graphs", "dataset", "split", "data", "limit", "out",
+               "system_prompt_file", "teacher_prompt_file", "recipe", "no_progress")
+
+
+def stage1_options(args) -> Stage1Options:
+    """The one check of sample.py's options beyond argparse's, and the Stage1Options they make."""
+    if args.batch_size < args.num_rollouts:
+        raise ValueError(f"--batch-size {args.batch_size} (engine slots) must be at least --k {args.num_rollouts}")
+    o = {k: v for k, v in vars(args).items() if k not in SCRIPT_ONLY}
+    o["top_k"] = args.top_k or None
+    o["teacher_max_new_tokens"] = args.teacher_max_new_tokens or args.max_new_tokens
+    o["system_prompt"] = prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None
+    o["teacher_template"] = prompts.read_prompt_file(args.teacher_prompt_file, teacher=True) if args.teacher_prompt_file else None
+    return Stage1Options(**o)
+
+
+def sample(args) -> dict:
+    """Check everything, load, then stream the problems through the engine until enough pairs."""
+    files = RunFiles(Path(args.out))
+    check_output_dir(files.pairs.parent)  # a file where the folder belongs, or read-only: fail before loading
+    for path in (files.pairs, files.skipped, files.summary):
+        if path.is_dir():
+            raise ValueError(f"--out: {path} is a directory; pass the path of the pairs file (e.g. {path}/pairs.jsonl)")
+    opts = stage1_options(args)
+    # Everything that can fail on bad input is checked before the first byte is written.
+    model_dir, model_name = resolve_model_dir(args.model), model_identity(args.model)
+    device = torch_device(args.device)
+    dtype_name = resolve_dtype_name(args.dtype, device)
+    problems = load_problems(args.dataset, split=args.split, source=args.data, limit=args.limit)
+    digest = file_sha256(data_file(args.dataset, args.split, args.data))
+    config = run_config(opts, model_name, dtype_name, args.dataset, args.split, model_identity(args.data), digest)
+    new_run = check_run_config(files.run_config, config, [files.pairs, files.skipped])
+    pairs, skipped = read_done(files)  # a damaged output file fails now, not after the model is loaded
+
+    tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
+    model = from_pretrained(model_dir, dtype=torch_dtype(dtype_name), device=device)
+    engine = Engine(model, opts.batch_size, stage1_max_len(tokenizer, problems, opts), stop_ids=tokenizer.stop_ids,
+                    cuda_graphs=args.cuda_graphs)  # a KV cache that cannot fit fails here, before any write
+    if new_run:
+        write_json_atomic(files.run_config, config)
+    targets = None
+    if opts.capture_targets:
+        targets = CapturedTargets(files.targets)
+        stored = getattr(torch, opts.targets_dtype) if opts.targets_dtype else model.dtype
+        targets.open_for_writing(model_name, model.dtype, stored, model.config.hidden_size, [r["id"] for r in pairs])
+    print(f"stage 1: {len(problems)} problems from {args.dataset}/{args.split}, model {args.model} ({dtype_name} on {model.device}), "
+          f"{opts.batch_size} engine slots of {engine.max_len} positions", file=sys.stderr)
+    summary = stage1(problems, tokenizer, engine, files, opts, model_name, targets, progress=not args.no_progress)
+    print(format_summary(summary))
+    print(f"wrote {files.pairs}, {files.skipped.name}, {files.summary.name}" + (f", {files.targets.name}/" if targets else ""))
+    return summary
+
+
+def stage1(problems, tokenizer, engine, files: RunFiles, opts: Stage1Options, model_name: str,
+           targets: CapturedTargets | None = None, progress: bool = True) -> dict:
+    """The loop: problems stream through the engine; a problem's rollouts are graded as soon as
+    its K samples are done, its teacher request jumps the queue, and each record is written
+    the moment it is decided. A rerun continues after the problems already written."""
+    for path in (files.pairs, files.skipped):  # both exist from the start, empty or not, for the next stage
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    pairs, skipped = read_done(files)
+    done = {r["id"] for r in pairs} | {r["id"] for r in skipped}
+    stats = RunStats(pairs, skipped, files.read_summary())  # the counts and totals of earlier sessions
+    stage = Stage1(tokenizer, files, opts, model_name, stats, targets)
+    todo = [p for p in problems if p.id not in done]
+
+    def feed():  # pulled lazily by the engine, whenever slots are free
+        for p in todo:
+            if stats.pairs >= opts.num_pairs:
+                return
+            yield stage.rollout_request(p)
+
+    bar = tqdm(total=len(todo), desc="stage 1", unit="problem", disable=not progress, dynamic_ncols=True)
+    bar.set_postfix(pairs=stats.pairs)
+    try:
+        for out in engine.run(feed()):
+            if stats.pairs >= opts.num_pairs:
+                break  # enough pairs: problems still in flight stay undone
+            kind, problem = out.request.tag[:2]
+            if kind == "rollouts":
+                teacher = stage.on_rollouts(problem, out.completions)  # graded; a mixed problem's teacher request
+                if teacher is not None:
+                    engine.add(teacher)
+                    continue
+            else:
+                stage.on_teacher(out.request.tag, out.completions[0])  # judged, written as a pair or a skip
+            bar.update(1)
+            bar.set_postfix(pairs=stats.pairs)
+            stats.save(files.summary)  # the time so far goes in each save: a killed session keeps its share
+    finally:
+        bar.close()
+    return stats.save(files.summary)
+
+
 def main(argv=None) -> int:
     args = parse_with_recipe(build_parser(), argv, "sample")
-    from minissb.ssb import sample_main  # after parsing, so --help is instant
-
-    return run_main(lambda: sample_main(args))
+    return run_main(lambda: sample(args))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
-from minissb.cli import ArgumentParser, HelpFormatter, run_main
-from minissb.distill import OPTION_TYPES as T, TrainConfig, train
+import torch
+from tqdm import tqdm
+
+from minissb.distill import OPTION_TYPES as T, TrainConfig, batch_at, check_config, optimizer_step, start_run
 from minissb.lora import DEFAULT_TARGETS
 from minissb.recipes import add_recipe_argument, parse_with_recipe
+from minissb.runs import ArgumentParser, HelpFormatter, run_main
+from minissb.training import MetricsLog, finish, interrupted, lr_at, plot_metrics, save_checkpoint
 
 D = TrainConfig  # the defaults live on the dataclass, in one place; the allowed ranges in T, checked while parsing
 
@@ -94,19 +100,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    a = parse_with_recipe(build_parser(), argv, "train")
-    return TrainConfig(
-        pairs=a.pairs, out=a.out, model=a.model, tokenizer=a.tokenizer, teacher=a.teacher, targets=a.targets,
-        device=a.device, dtype=a.dtype, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-        lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
-        temperature=a.temperature, kd_weight=a.kd_weight, ce_weight=a.ce_weight, lr=a.lr,
-        min_lr_ratio=a.min_lr_ratio, warmup_ratio=a.warmup_ratio, lr_schedule=a.lr_schedule, student_input=a.student_input, weight_decay=a.weight_decay,
-        max_grad_norm=a.max_grad_norm, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-        epochs=a.epochs, max_steps=a.max_steps, stop_after_steps=a.stop_after_steps, max_seq_len=a.max_seq_len,
-        truncate=a.truncate, grad_checkpointing=a.grad_checkpointing, loss_chunk_size=a.loss_chunk_size,
-        seed=a.seed, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, resume=a.resume,
-        plot=a.plot, progress=not a.no_progress,
-    )
+    a = vars(parse_with_recipe(build_parser(), argv, "train"))
+    a["lora_targets"] = tuple(t.strip() for t in a["lora_targets"].split(",") if t.strip())
+    a["progress"] = not a.pop("no_progress")
+    a.pop("recipe", None)
+    return TrainConfig(**a)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or continue) a distillation run into cfg.out: adapter/ (PEFT), metrics.jsonl,
+    run.json, checkpoints/step-N/. Returns a summary."""
+    cfg = check_config(cfg)
+    out = Path(cfg.out)
+    say = tqdm.write if cfg.progress else (lambda s: None)
+    run = start_run(cfg, say)
+    stop_at = min(run.total_steps, cfg.stop_after_steps or run.total_steps)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics = MetricsLog(metrics_path)
+    t_start, last = time.perf_counter(), {}
+    try:
+        for step in range(run.start_step, stop_at):
+            t0 = time.perf_counter()
+            batch, epoch, order, index = batch_at(run, step, cfg)
+            lr = lr_at(step, run.total_steps, cfg.lr, run.warmup_steps, cfg.min_lr_ratio, cfg.lr_schedule)
+            stats = optimizer_step(run, batch, cfg, lr, step, epoch)
+            dt, n_input = time.perf_counter() - t0, stats.pop("input_tokens")
+            last = {"step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4), **stats,
+                    "tokens_per_s": round(n_input / dt, 1), "step_time_s": round(dt, 4),
+                    "elapsed_s": round(time.perf_counter() - t_start, 2)}
+            if run.model.device.type == "cuda":
+                last["cuda_max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.model.device) / 2**30, 3)
+            metrics.write(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}", lr=f"{lr:.2e}")
+            if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or (step + 1 == stop_at < run.total_steps):
+                extra = {"config": run.fingerprint, "data_sha256": run.data_sha256, "epoch": epoch,
+                         "epoch_order": order, "batch_index": index + 1}
+                save_checkpoint(out, step + 1, run.model, run.optimizer, extra, cfg.keep_checkpoints, cfg.model)
+    except KeyboardInterrupt:
+        raise interrupted(out) from None
+    finally:
+        metrics.close()
+        bar.close()
+
+    summary = {"steps": stop_at, "total_steps": run.total_steps, "n_truncated": run.info["n_truncated"],
+               "metrics": str(metrics_path), "last": last,
+               "adapter": finish(out, run.model, cfg.model, stop_at, run.total_steps, say)}
+    if cfg.plot:
+        summary["plot"] = str(plot_metrics(metrics_path, out / "metrics.png"))
+        say(f"plot saved to {summary['plot']}")
+    return summary
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minissb import grader
+from minissb import grader, mathgrade
 
 REPO = Path(__file__).resolve().parents[1]
 HAND_CASES = REPO / "bench" / "grader_cases.jsonl"
@@ -202,12 +202,14 @@ def run(check, cases, name):
     return verdicts, seconds
 
 
-_CACHES = ("_parse_answer_cached", "_number_cached", "_exact", "_values", "_symbols", "_has_inf")
+_CACHES = ((grader, ("_parse_answer_cached", "_number_cached")),
+           (mathgrade, ("_exact", "_values", "_symbols", "_has_inf")))
 
 
 def clear_grader_caches():
-    for name in _CACHES:
-        getattr(grader, name).cache_clear()
+    for module, names in _CACHES:
+        for name in names:
+            getattr(module, name).cache_clear()
 
 
 def run_cold(cases):

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minissb.cli import resolve_dtype_name, torch_dtype  # noqa: E402
+from minissb.runs import resolve_dtype_name, torch_dtype  # noqa: E402
 from minissb.distill import CapturedTeacher, TrainConfig, build_examples, load_pairs, micro_batch_loss  # noqa: E402
 from minissb.engine import Engine, Request  # noqa: E402
 from minissb.lora import apply_lora, lora_parameters  # noqa: E402

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minissb.distill import TrainError, plot_metrics
+from minissb.training import plot_metrics
 
 
 def main(argv=None) -> int:
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(a.metrics).with_suffix(".png")
     try:
         print(plot_metrics(a.metrics, out))
-    except TrainError as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

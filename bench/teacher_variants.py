@@ -25,10 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minissb import gates  # noqa: E402
-from minissb.cli import resolve_dtype_name, torch_device  # noqa: E402
-from minissb.data import Problem, read_jsonl  # noqa: E402
+from minissb.runs import resolve_dtype_name, torch_device  # noqa: E402
+from minissb.data import Problem  # noqa: E402
+from minissb.runs import read_jsonl  # noqa: E402
 from minissb.engine import Engine, Request  # noqa: E402
-from minissb.ssb import RunFiles, Stage1Options, build_teacher_chat, judge_teacher, load_model_and_tokenizer, problem_seed  # noqa: E402
+from minissb.runs import problem_seed  # noqa: E402
+from minissb.model import from_pretrained  # noqa: E402
+from minissb.runs import torch_dtype  # noqa: E402
+from minissb.ssb import RunFiles, Stage1Options, build_teacher_chat, judge_teacher  # noqa: E402
+from minissb.tokenizer import Tokenizer  # noqa: E402
 
 VARIANTS = [("correct-first", False), ("wrong-first", False), ("correct-first", True), ("wrong-first", True)]
 
@@ -87,7 +92,7 @@ def main() -> int:
     items = mixed_problems(files)
     device = torch_device(args.device)
     dtype = resolve_dtype_name(args.dtype, device)
-    model, tok = load_model_and_tokenizer(Path(args.model), None, dtype, str(device))
+    model, tok = from_pretrained(args.model, dtype=torch_dtype(dtype), device=device), Tokenizer.from_dir(args.model)
     longest = max(len(tok.encode_chat(build_teacher_chat(pr, r, w, replace(opts, hint_gold=True)), add_generation_prompt=True))
                   for pr, r, w in items)
     engine = Engine(model, args.batch_size, longest + opts.teacher_max_new_tokens, stop_ids=tok.stop_ids)

@@ -51,10 +51,6 @@ import torch
 from minissb.model import KVCache, Qwen2ForCausalLM
 
 
-class GenerationError(ValueError):
-    """A request the engine cannot run; the message says what to fix."""
-
-
 @dataclass
 class Request:
     """One prompt to sample num_samples continuations of.
@@ -218,24 +214,24 @@ def _per_row(value, n: int, off) -> torch.Tensor:
 def check_request(req: Request, vocab_size: int, max_len: int, num_slots: int) -> None:
     """One-line errors for a request the engine cannot run."""
     if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {req.max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {req.max_new_tokens!r}")
     if not (req.temperature >= 0 and np.isfinite(req.temperature)):
-        raise GenerationError(f"temperature must be finite and >= 0 (0 = greedy), got {req.temperature}")
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {req.temperature}")
     if req.top_k is not None and req.top_k < 1:
-        raise GenerationError(f"top_k must be >= 1 or None, got {req.top_k}")
+        raise ValueError(f"top_k must be >= 1 or None, got {req.top_k}")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
-        raise GenerationError(f"top_p must be in (0, 1] or None, got {req.top_p}")
+        raise ValueError(f"top_p must be in (0, 1] or None, got {req.top_p}")
     if not (req.repetition_penalty > 0 and np.isfinite(req.repetition_penalty)):
-        raise GenerationError(f"repetition_penalty must be finite and > 0 (1 = off), got {req.repetition_penalty}")
+        raise ValueError(f"repetition_penalty must be finite and > 0 (1 = off), got {req.repetition_penalty}")
     if not 1 <= req.num_samples <= num_slots:
-        raise GenerationError(f"num_samples must be in [1, {num_slots}] (the engine's slots), got {req.num_samples}")
+        raise ValueError(f"num_samples must be in [1, {num_slots}] (the engine's slots), got {req.num_samples}")
     if len(req.prompt) == 0:
-        raise GenerationError("a prompt is empty: every prompt needs at least one token")
+        raise ValueError("a prompt is empty: every prompt needs at least one token")
     bad = [t for t in req.prompt if not 0 <= t < vocab_size]
     if bad:
-        raise GenerationError(f"a prompt has token id {bad[0]} outside the model's vocabulary [0, {vocab_size})")
+        raise ValueError(f"a prompt has token id {bad[0]} outside the model's vocabulary [0, {vocab_size})")
     if len(req.prompt) + req.max_new_tokens > max_len:
-        raise GenerationError(
+        raise ValueError(
             f"prompt of {len(req.prompt)} tokens + max_new_tokens {req.max_new_tokens} exceeds the engine's "
             f"max_len {max_len}: raise max_len or lower max_new_tokens"
         )
@@ -260,7 +256,7 @@ def check_memory(model: Qwen2ForCausalLM, num_slots: int, max_len: int) -> None:
     need = 2 * cfg.num_hidden_layers * num_slots * cfg.num_key_value_heads * max_len * cfg.head_dim * elem
     free = available_memory(model.device)
     if free is not None and need > 0.9 * free:
-        raise GenerationError(
+        raise ValueError(
             f"the KV cache for {num_slots} slots x {max_len} positions needs {need / 2**30:.1f} GiB and "
             f"{free / 2**30:.1f} GiB are free: lower --batch-size or --max-new-tokens"
         )
@@ -321,7 +317,7 @@ class Engine:
         self.hidden: torch.Tensor | None = None  # (num_slots, max_len, hidden), allocated on return_hidden
         self.graphs = _DecodeGraphs(self) if cuda_graphs else None
         if cuda_graphs and self.device.type != "cuda":
-            raise GenerationError("cuda_graphs=True needs the model on a CUDA device")
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.n_requests = 0
         self.stats = {"tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "row_steps": 0}
 
@@ -595,7 +591,7 @@ __all__ = [
     "Request",
     "RequestOutput",
     "Completion",
-    "GenerationError",
+    
     "sample_tokens",
     "top_k_mask",
     "top_p_mask",

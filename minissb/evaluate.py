@@ -6,7 +6,7 @@ pass@1. With k samples at a temperature, each problem gets
 
     avg@k  its share of correct samples (the mean over problems is the accuracy), and
     maj@k  whether the majority answer is right: answers vote in groups of equivalent answers
-           (grader.answer_key); a sample with no extracted answer does not vote; a tie goes to
+           (grader.group_answers); a sample with no extracted answer does not vote; a tie goes to
            the tied answer seen first (lowest sample index); no votes at all counts as wrong.
 
 Intervals are 95% Wilson score intervals, treating the n problems as n Bernoulli trials with
@@ -26,24 +26,18 @@ computed from the records on disk for the problems asked for, old and new alike.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Sequence
+from typing import Sequence
 
 from minissb import grader, prompts
-from minissb.data import DATASETS, Problem, append_jsonl, load_problems, read_jsonl
-from minissb.cli import check_output_dir, resolve_dtype_name, torch_device, torch_dtype
-from minissb.data import config_differences, data_file, file_sha256, remove_temp_files, write_json_atomic
-from minissb.engine import Engine, Request
-
-
-class EvalError(ValueError):
-    """An evaluation cannot start or continue; the message says what to fix."""
+from minissb.data import DATASETS, Problem, data_file, load_problems
+from minissb.engine import Request
+from minissb.runs import (append_jsonl, check_output_dir, check_run_config, file_sha256, model_identity, problem_seed, read_jsonl)
 
 
 # New-token caps per dataset. GSM8K solutions of Qwen2.5-Instruct take ~150-400 tokens and
@@ -73,24 +67,14 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def majority_vote(keys: Sequence[Hashable | None]) -> int | None:
+def majority_vote(answers: Sequence[str | None], dataset: str) -> int | None:
     """Index of the sample whose answer wins the vote, or None when no sample has an answer.
 
-    keys[i] is sample i's canonical answer (None = no answer, no vote). The most frequent key
-    wins; among tied keys the one that appears first wins, and the returned index is that
-    key's first sample.
-    """
-    counts: dict[Hashable, int] = {}
-    first: dict[Hashable, int] = {}
-    for i, key in enumerate(keys):
-        if key is None:
-            continue
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, i)
-    if not counts:
-        return None
-    top = max(counts.values())
-    return min(first[key] for key, c in counts.items() if c == top)
+    Answers vote by meaning (grader.group_answers: "1,000" and "1000" are one answer); a
+    sample with no answer does not vote; the largest group wins, among tied groups the one
+    whose first sample comes first, and the returned index is that group's first sample."""
+    groups = grader.group_answers(list(answers), dataset)
+    return max(groups, key=len)[0] if groups else None  # max keeps the first of equal lengths
 
 
 def score_responses(texts: Sequence[str], gold: str, dataset: str, finished: Sequence[bool] | None = None
@@ -102,8 +86,7 @@ def score_responses(texts: Sequence[str], gold: str, dataset: str, finished: Seq
     finished = [True] * len(texts) if finished is None else finished
     answers = [grader.extract_answer(t, dataset, finished=f) for t, f in zip(texts, finished)]
     correct = [a is not None and grader.is_equivalent(a, gold, dataset) for a in answers]
-    keys = [None if a is None else grader.answer_key(a, dataset) for a in answers]
-    return answers, correct, majority_vote(keys)
+    return answers, correct, majority_vote(answers, dataset)
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -149,19 +132,19 @@ def load_eval_problems(
     data_files = data_files or {}
     unknown = [d for d in (*datasets, *data_files) if d not in DATASETS]
     if unknown:
-        raise EvalError(f"unknown dataset {unknown[0]!r}: choose from {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {unknown[0]!r}: choose from {', '.join(DATASETS)}")
     if not datasets:
-        raise EvalError(f"no dataset given: choose from {', '.join(DATASETS)}")
+        raise ValueError(f"no dataset given: choose from {', '.join(DATASETS)}")
     out = {}
     for name in datasets:
         source = data_files.get(name, data_dir)
         problems = load_problems(name, source=source, limit=limit)
         if not problems:
-            raise EvalError(f"{name}: no problems to evaluate (source {source or 'hub'}, limit {limit})")
+            raise ValueError(f"{name}: no problems to evaluate (source {source or 'hub'}, limit {limit})")
         seen = set()
         for p in problems:
             if p.id in seen:
-                raise EvalError(f"{name}: problem id {p.id!r} occurs twice in {source or 'the hub file'}; records are keyed by id")
+                raise ValueError(f"{name}: problem id {p.id!r} occurs twice in {source or 'the hub file'}; records are keyed by id")
             seen.add(p.id)
         out[name] = problems
     return out
@@ -198,7 +181,7 @@ def make_targets(adapters: Sequence[str], include_base: bool = True) -> list[Eva
             name = f"{name}-{i + 1}"
         targets.append(EvalTarget(name, path))
     if not targets:
-        raise EvalError("nothing to evaluate: --no-base needs at least one --adapter")
+        raise ValueError("nothing to evaluate: --no-base needs at least one --adapter")
     return targets
 
 
@@ -220,14 +203,6 @@ def response_files(out_dir: Path, label: str, dataset: str) -> tuple[Path, Path]
     return out_dir / f"{stem}.jsonl", out_dir / f"{stem}.run.json"
 
 
-def _path_identity(path_or_id) -> str | None:
-    """A local path as an absolute path (a rerun from another folder still matches); a hub id as is."""
-    if path_or_id is None:
-        return None
-    p = Path(path_or_id).expanduser()
-    return str(p.resolve()) if p.exists() else str(path_or_id)
-
-
 def run_config(model: str, target: EvalTarget, dataset: str, data_source, dtype: str, gen: dict,
                data_sha256: str | None = None) -> dict:
     """What identifies a responses file: everything that changes its records (not how many or how fast)."""
@@ -236,42 +211,16 @@ def run_config(model: str, target: EvalTarget, dataset: str, data_source, dtype:
         weights = target.adapter / "adapter_model.safetensors"
         adapter_digest = file_sha256(weights)[:16] if weights.is_file() else None
     return {
-        "model": _path_identity(model),
-        "adapter": _path_identity(target.adapter),
+        "model": model_identity(model),
+        "adapter": model_identity(target.adapter),
         "adapter_sha256": adapter_digest,  # a retrained adapter in the same folder is a new run
         "dataset": dataset,
-        "data": _path_identity(data_source),
+        "data": model_identity(data_source),
         "data_sha256": data_sha256,  # the file's content: edited in place, it is a new run
         "dtype": dtype,
         "system_prompt_sha256": hashlib.sha256(prompts.SYSTEM_PROMPT.encode()).hexdigest()[:16],
         **gen,
     }
-
-
-ADDED_IDENTITY_KEYS = ("data_sha256",)  # run-config keys that older run.json files lack
-
-
-def check_run_config(responses: Path, config_path: Path, config: dict) -> None:
-    """Refuse to add to a responses file written with other generation arguments."""
-    if not config_path.is_file():
-        if responses.is_file() and responses.stat().st_size > 0:
-            raise EvalError(f"{responses} exists but {config_path.name} does not, so its arguments are unknown: "
-                            "pass another --out, or move the old file away")
-        return
-    try:
-        stored = json.loads(config_path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(stored, dict):
-        raise EvalError(f"{config_path}: expected a JSON object: move it away, or pass another --out")
-    # Keys newer than the file (older versions did not record them) cannot be compared.
-    config = {k: v for k, v in config.items() if k in stored or k not in ADDED_IDENTITY_KEYS}
-    if stored.get("temperature") == config.get("temperature") == 0:  # greedy: the seed changes nothing
-        stored, config = ({k: v for k, v in d.items() if k != "seed"} for d in (stored, config))
-    shown = config_differences(stored, config)
-    if shown:
-        raise EvalError(f"{responses} was written with other arguments ({shown}): rerun with the same "
-                        "arguments to continue it, or pass another --out")
 
 
 def read_records(responses: Path) -> dict[str, dict]:
@@ -281,18 +230,12 @@ def read_records(responses: Path) -> dict[str, dict]:
     done = {}
     for n, rec in enumerate(read_jsonl(responses), start=1):
         if not isinstance(rec.get("id"), str) or not isinstance(rec.get("responses"), list):
-            raise EvalError(f"{responses}: record {n} has no 'id' or 'responses': not written by eval.py?")
+            raise ValueError(f"{responses}: record {n} has no 'id' or 'responses': not written by eval.py?")
         done[rec["id"]] = rec
     return done
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def problem_seed(seed: int, problem_id: str) -> int:
-    """Sampling seed of one problem's samples: the run seed and the problem alone."""
-    digest = hashlib.sha256(f"{seed}:eval:{problem_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def eval_max_len(tokenizer, problems: Sequence[Problem], gen: dict) -> int:
@@ -323,7 +266,7 @@ def evaluate_dataset(
                disable=not progress, dynamic_ncols=True)
     requests = (
         Request(tokenizer.encode_chat(prompts.student_chat(p.question, gen.get("system_prompt")), add_generation_prompt=True), gen["max_new_tokens"],
-                gen["samples"], gen["temperature"], gen["top_k"], gen["top_p"], seed=problem_seed(gen["seed"], p.id), tag=p)
+                gen["samples"], gen["temperature"], gen["top_k"], gen["top_p"], seed=problem_seed(gen["seed"], "eval", p.id), tag=p)
         for p in todo
     )
     t0 = time.perf_counter()
@@ -440,7 +383,7 @@ def parse_data_files(specs: Sequence[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not path:
-            raise EvalError(f"--data {spec!r}: write DATASET=PATH, e.g. gsm8k=data/gsm8k_test.jsonl")
+            raise ValueError(f"--data {spec!r}: write DATASET=PATH, e.g. gsm8k=data/gsm8k_test.jsonl")
         out[name.strip()] = path
     return out
 
@@ -451,10 +394,10 @@ def check_options(args) -> tuple[list[str], dict[str, str], int | None, float | 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     twice = next((d for i, d in enumerate(datasets) if d in datasets[:i]), None)
     if twice:
-        raise EvalError(f"--datasets names {twice} twice: list each dataset once")
+        raise ValueError(f"--datasets names {twice} twice: list each dataset once")
     data_files = parse_data_files(args.data or [])
     if args.samples > 1 and args.temperature == 0:
-        raise EvalError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical answers: set --temperature (e.g. 0.6)")
+        raise ValueError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical answers: set --temperature (e.g. 0.6)")
     check_output_dir(args.out)
     # Filters only apply when sampling; top-k 0 and top-p 1 mean off.
     top_k = args.top_k if args.top_k and args.temperature > 0 else None
@@ -480,112 +423,47 @@ def check_adapters_fit(model_dir: Path, targets: Sequence[EvalTarget], base_mode
         load_adapter(skeleton, t.adapter, base_model=base_model)
 
 
-def eval_main(args) -> int:
-    """eval.py: evaluate the base model and each adapter on each dataset, print and save the table."""
-    datasets, data_files, top_k, top_p = check_options(args)
-
-    # Everything that can be wrong with the inputs is found before the first token is generated.
-    system_prompt = prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None
-    problems = load_eval_problems(datasets, args.data_dir, data_files, args.limit)
-    # The content, not just the name: a data file edited in place is another run.
-    data_sha = {name: file_sha256(data_file(name, source=data_files.get(name, args.data_dir)))[:16] for name in datasets}
-    targets = make_targets(args.adapter or [], include_base=not args.no_base)
-    import torch  # here, so that argument and data errors come without the wait for torch
-
-    from minissb.lora import load_adapter, merge_lora
-    from minissb.model import from_pretrained, resolve_model_dir
-    from minissb.tokenizer import Tokenizer
-
-    model_dir = resolve_model_dir(args.model)
-    check_adapters_fit(model_dir, targets, args.model)
-    tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
+def plan_runs(args, targets: Sequence[EvalTarget], problems: dict[str, list[Problem]], data_files: dict[str, str],
+              dtype_name: str, top_k, top_p, system_prompt: str | None) -> list[Plan]:
+    """One Plan per target x dataset, each checked against the run.json of an earlier run into
+    the same --out (other arguments are refused) before anything is generated."""
     out_dir = Path(args.out)
-    device = torch_device(args.device)
-    dtype_name = resolve_dtype_name(args.dtype, device)
-    dtype = torch_dtype(dtype_name)
     plans = []
     for t in targets:
-        for name in datasets:
-            gen = {
-                "samples": args.samples,
-                "temperature": args.temperature,
-                "top_k": top_k,
-                "top_p": top_p,
-                "max_new_tokens": args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[name],
-                "seed": args.seed,
-            }
+        for name, probs in problems.items():
+            gen = {"samples": args.samples, "temperature": args.temperature, "top_k": top_k, "top_p": top_p,
+                   "max_new_tokens": args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[name], "seed": args.seed}
             if system_prompt is not None:  # part of the run's identity only when it is not ours
                 gen["system_prompt"] = system_prompt
+            source = data_files.get(name, args.data_dir)
+            data_sha = file_sha256(data_file(name, source=source))[:16]  # the content: a file edited in place is another run
             responses, config_path = response_files(out_dir, t.label, name)
-            config = run_config(args.model, t, name, data_files.get(name, args.data_dir), dtype_name, gen, data_sha[name])
-            check_run_config(responses, config_path, config)
-            missing = {p.id for p in problems[name]} - set(read_records(responses))
+            config = run_config(args.model, t, name, source, dtype_name, gen, data_sha)
+            check_run_config(config_path, config, [responses], ignore=("seed",) if args.temperature == 0 else ())  # greedy: no seed
+            missing = {p.id for p in probs} - set(read_records(responses))
             plans.append(Plan(t, name, responses, config_path, config, gen, bool(missing)))
+    return plans
 
-    remove_temp_files(out_dir)  # left by a run killed mid-write or stopped by a full disk
-    progress = not args.no_progress
-    results = []
-    model, pristine = None, False
-    for t in targets:
-        if any(p.todo for p in plans if p.target is t):
-            # Each adapter goes onto freshly loaded base weights: unmerging a bf16 merge does not
-            # give the base weights back bit for bit (minissb.lora), and reloading is cheap next
-            # to generation.
-            if model is None or not pristine:
-                model = None  # drop every reference to the old weights before loading new ones
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                model = from_pretrained(model_dir, dtype=dtype, device=device)
-                pristine = True
-            if t.adapter is not None:
-                load_adapter(model, t.adapter)
-                merge_lora(model)  # base-model speed: no LoRA branch in the forward pass
-                pristine = False
-        for plan in (p for p in plans if p.target is t):
-            session = {"new_problems": 0, "new_tokens": 0, "seconds": 0.0}
-            if plan.todo:
-                write_json_atomic(plan.config_path, plan.config)
-                engine = Engine(model, max(args.batch_size, args.samples), eval_max_len(tokenizer, problems[plan.dataset], plan.gen),
-                                stop_ids=tokenizer.stop_ids, tokenizer=tokenizer, cuda_graphs=args.cuda_graphs)
-                session = evaluate_dataset(problems[plan.dataset], tokenizer, engine, plan.responses, plan.gen,
-                                           progress, desc=f"{t.label} {plan.dataset}")
-                del engine  # its KV cache goes before the next model loads
-            records = read_records(plan.responses)
-            summary = summarize([records[p.id] for p in problems[plan.dataset]])
-            tps = session["new_tokens"] / session["seconds"] if session["seconds"] else None
-            results.append({
-                "dataset": plan.dataset,
-                "model": t.label,
-                "adapter": str(t.adapter) if t.adapter is not None else None,
-                **summary,
-                "max_new_tokens": plan.gen["max_new_tokens"],
-                "responses_file": plan.responses.name,
-                "generated_problems": session["new_problems"],
-                "generated_tokens": session["new_tokens"],
-                "generation_seconds": round(session["seconds"], 2),
-                "tokens_per_s": round(tps, 1) if tps else None,
-            })
-            if session["new_problems"]:
-                print(f"{t.label} {plan.dataset}: {session['new_problems']} problems, {session['new_tokens']} tokens "
-                      f"in {session['seconds']:.1f} s ({tps or 0:.1f} tokens/s)")
-    order = {name: i for i, name in enumerate(datasets)}
-    results.sort(key=lambda r: order[r["dataset"]])  # stable: within a dataset, base first, then adapters in order
-    add_deltas(results)
-    print(format_table(results))
-    print(table_legend(args.samples))
-    write_json_atomic(out_dir / "results.json", {
-        "model": args.model,
-        "device": str(device),
-        "dtype": dtype_name,
-        "interval": "95% Wilson score interval over problems; paired_vs_base: paired bootstrap 95% interval of the difference",
-        "results": results,
-    })
-    print(f"wrote {out_dir / 'results.json'}")
-    return 0
+
+def result_row(plan: Plan, problems: Sequence[Problem], session: dict) -> dict:
+    """The table row of one plan: the metrics over its problems' records and this session's speed."""
+    records = read_records(plan.responses)
+    tps = session["new_tokens"] / session["seconds"] if session["seconds"] else None
+    return {
+        "dataset": plan.dataset,
+        "model": plan.target.label,
+        "adapter": str(plan.target.adapter) if plan.target.adapter is not None else None,
+        **summarize([records[p.id] for p in problems]),
+        "max_new_tokens": plan.gen["max_new_tokens"],
+        "responses_file": plan.responses.name,
+        "generated_problems": session["new_problems"],
+        "generated_tokens": session["new_tokens"],
+        "generation_seconds": round(session["seconds"], 2),
+        "tokens_per_s": round(tps, 1) if tps else None,
+    }
 
 
 __all__ = [
-    "EvalError",
     "EvalTarget",
     "DEFAULT_MAX_NEW_TOKENS",
     "wilson_interval",
@@ -598,5 +476,10 @@ __all__ = [
     "format_table",
     "table_legend",
     "add_deltas",
-    "eval_main",
+    "Plan",
+    "plan_runs",
+    "result_row",
+    "check_options",
+    "check_adapters_fit",
+    "eval_max_len",
 ]

@@ -3,72 +3,46 @@
 Every SSB stage turns on this module: which rollouts are right, which wrong answer is the
 most common one, whether the teacher's solution is still right, and the accuracy tables.
 
+This file is what every dataset needs. The LaTeX parser, MATH500's answer structures and the
+comparison by value (exact, mpmath, sympy) are minissb.mathgrade, called here in three places:
+mathgrade.rational (numbers), mathgrade.parse_answer and mathgrade.answers_equal (compare).
+
 Read top to bottom:
   extract  the content of the last \\boxed{...} (for a list gold, the boxes that end the
            response together: "\\boxed{2} and \\boxed{-3}"), else, for a response that
            ended on its own, a per-dataset answer phrase
   clean    string-level LaTeX cosmetics: $, \\left, \\dfrac, units, degrees, \\%, \\!
-  parse    a small recursive-descent LaTeX parser into a tuple AST (no eval, no sympy)
-  answers  the structure around the expressions: tuple / interval / set / matrix / list,
-           labelled values ("(p,q) = (3,2)", "AB = 4", the last side of "x = 5+6 = 11"),
-           inequalities as intervals (either way round), c \\begin{pmatrix}..\\end{pmatrix}
-  compare  structure first, after putting both sides in one shape where they say the same
-           thing ((1,2,3) and a column vector, c\\mathbf{I} and a square matrix), then each
-           element: exact rationals in plain Python; anything else must agree to 30 digits
-           at three fixed points (mpmath), and then sympy, under a time limit, has the
-           last word (it proves the identity or refutes it) where it can run
-  group    answer_key (canonical string) and group_answers (equivalence-aware)
-
-The answer and the gold play one different role: a factored gold asks for the factored form
-(an expanded answer restates "Factor ..."), a factored answer to an expanded gold is right.
+  numbers  a GSM8K/AIME answer as an exact rational: 1,080 / \\$18.00 / 50\\% / x = 5
+  compare  is_equivalent: as numbers where the dataset's gold is one, else as structures
+           (minissb.mathgrade); grade = extract_answer + is_equivalent
+  group    group_answers: equivalent answers in one group, by is_equivalent itself (SSB's
+           most common wrong answer, eval's majority vote)
 
 Bounded time on any input: extraction is linear, reads only the tail for fallbacks and
 joins at most MAX_JOINED_BOXES boxes, each sought within one answer's length of the next;
-answers longer than MAX_ANSWER_CHARS or nested deeper than MAX_DEPTH are compared as
-strings; powers and factorials are size-checked before any arithmetic; sympy runs only
-under a SIGALRM timer, which exists only in the main thread. Elsewhere (a worker thread,
-or a caller already using SIGALRM) the numeric identity test decides alone.
+answers longer than MAX_ANSWER_CHARS are compared as strings; minissb.mathgrade bounds the
+rest (nesting, powers, factorials, sympy's time).
 """
 
 from __future__ import annotations
 
-import math
 import re
-import signal
-import threading
-import time
 from fractions import Fraction
 from functools import lru_cache
 
+from minissb import mathgrade
+# The parser's bounds, public here too; MAX_ANSWER_CHARS also bounds extraction and numbers.
+from minissb.mathgrade import (  # noqa: F401
+    MAX_ANSWER_CHARS, MAX_DEPTH, MAX_DIGITS, MAX_EXACT_BITS, SYMPY_SECONDS,
+)
+
 DATASETS = ("gsm8k", "math500", "aime24")
-MAX_ANSWER_CHARS = 1000  # longer "answers" are garbage: compared as strings, never parsed
-MAX_DEPTH = 40  # bracket nesting allowed before parsing (the parser is recursive)
-MAX_DIGITS = 200  # longest number literal the parser accepts
 TAIL_CHARS = 2000  # fallback phrases are searched in the response's last characters only
-SYMPY_SECONDS = 1.0  # sympy time allowed per is_equivalent call (all its proofs together)
-MAX_EXACT_BITS = 100_000  # exact powers/factorials larger than this are not computed
-
-
-class GraderError(ValueError):
-    """Bad argument to the grader (an unknown dataset name)."""
-
-
-class _ParseError(Exception):
-    pass
-
-
-class _EvalError(Exception):
-    pass
-
-
-class _Timeout(BaseException):
-    # BaseException so that sympy's internal `except Exception` blocks cannot swallow it.
-    pass
 
 
 def _check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
-        raise GraderError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}")
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -296,915 +270,6 @@ def _clean(s: str) -> str:
     return s
 
 
-def _squash(s: str) -> str:
-    return re.sub(r"\s+", "", s)
-
-
-def _max_depth(s: str) -> int:
-    depth = best = 0
-    for c in s:
-        if c in "([{":
-            depth += 1
-            best = max(best, depth)
-        elif c in ")]}":
-            depth -= 1
-    return best
-
-
-def _split_top(s: str, sep: str) -> list[str]:
-    """Split on `sep` outside any (), [] or {} (intervals like (3,4] count as balanced)."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        c = s[i]
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            i += len(sep)
-            start = i
-            continue
-        i += 1
-    parts.append(s[start:])
-    return parts
-
-
-def _wraps_whole(s: str, start: int) -> bool:
-    """True when the bracket at s[start] closes exactly at the last character."""
-    depth = 0
-    for i in range(start, len(s)):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i == len(s) - 1
-    return False
-
-
-# ----------------------------------------------------------------------------- parsing
-# AST nodes are tuples: ("num", Fraction) ("sym", name) ("pi",) ("E",) ("I",) ("oo",)
-# ("neg", x) ("add", xs) ("mul", xs) ("pow", base, exp) ("fn", name, x) ("fact", x)
-# ("binom", n, k) ("abs", x). a/b is ("mul", (a, ("pow", b, -1))).
-
-_TOKEN_RE = re.compile(r"\s*(?:(\\[a-zA-Z]+|\\[{}|])|(\d+(?:\.\d*)?|\.\d+)|([a-zA-Z])|(\S))")
-_FUNCS = {
-    "sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", "csc": "csc",
-    "arcsin": "asin", "arccos": "acos", "arctan": "atan", "sinh": "sinh", "cosh": "cosh",
-    "tanh": "tanh", "log": "log", "ln": "log", "exp": "exp",
-}
-_GREEK = set(
-    "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu "
-    "xi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Sigma Phi Omega".split()
-)
-_MUL_OPS = ("*", "\\cdot", "\\times", "\\ast")
-_DIV_OPS = ("/", "\\div")
-_MINUS_ONE = ("num", Fraction(-1))
-_HALF = ("num", Fraction(1, 2))
-
-
-class _Parser:
-    def __init__(self, s: str):
-        self.toks: list[str] = []
-        pos = 0
-        while pos < len(s):
-            m = _TOKEN_RE.match(s, pos)
-            if not m:
-                break  # only trailing whitespace is left
-            self.toks.append(m.group(m.lastindex))
-            pos = m.end()
-        self.i = 0
-        self.depth = 0
-        self.in_abs = 0
-
-    def peek(self) -> str | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
-
-    def take(self) -> str:
-        if self.i >= len(self.toks):
-            raise _ParseError("unexpected end")
-        self.i += 1
-        return self.toks[self.i - 1]
-
-    def expect(self, tok: str) -> None:
-        if self.take() != tok:
-            raise _ParseError(f"expected {tok}")
-
-    def parse(self):
-        node = self.expr()
-        if self.i != len(self.toks):
-            raise _ParseError(f"unexpected {self.peek()!r}")
-        return node
-
-    def expr(self):
-        self.depth += 1
-        if self.depth > 2 * MAX_DEPTH:
-            raise _ParseError("too deep")
-        terms = [self.term()]
-        while self.peek() in ("+", "-"):
-            op = self.take()
-            t = self.term()
-            terms.append(t if op == "+" else ("neg", t))
-        self.depth -= 1
-        return terms[0] if len(terms) == 1 else ("add", tuple(terms))
-
-    def term(self):
-        factors = [self.unary()]
-        while True:
-            t = self.peek()
-            if t in _MUL_OPS:
-                self.take()
-                factors.append(self.unary())
-            elif t in _DIV_OPS:
-                self.take()
-                factors.append(("pow", self.unary(), _MINUS_ONE))
-            elif self.starts_atom(t):  # implicit product: 2\pi, 3\sqrt{13}, (a+5)(b+2)
-                factors.append(self.power())
-            else:
-                break
-        return factors[0] if len(factors) == 1 else ("mul", tuple(factors))
-
-    def unary(self):
-        if self.peek() in ("-", "+"):
-            self.depth += 1
-            if self.depth > 2 * MAX_DEPTH:
-                raise _ParseError("too deep")
-            sign = self.take()
-            x = self.unary()
-            self.depth -= 1
-            return ("neg", x) if sign == "-" else x
-        return self.power()
-
-    def power(self):
-        base = self.postfix()
-        if self.peek() == "^":
-            self.take()
-            return ("pow", base, self.exponent())
-        return base
-
-    def exponent(self):
-        if self.peek() == "{":
-            return self.group()
-        if self.peek() in ("-", "+"):
-            sign = self.take()
-            x = self.postfix()
-            return ("neg", x) if sign == "-" else x
-        return self.postfix()
-
-    def postfix(self):
-        # \sqrt\sqrt\sqrt... nests without brackets: count depth here too.
-        self.depth += 1
-        if self.depth > 4 * MAX_DEPTH:
-            raise _ParseError("too deep")
-        x = self.atom()
-        if self.peek() == "!":
-            self.take()
-            x = ("fact", x)
-        self.depth -= 1
-        return x
-
-    def starts_atom(self, t: str | None) -> bool:
-        if t is None:
-            return False
-        if t in ("(", "{", "\\frac", "\\sqrt", "\\binom", "\\pi", "\\infty"):
-            return True
-        if t == "|":
-            return not self.in_abs
-        if t[0] == "\\":
-            return t[1:] in _FUNCS or t[1:] in _GREEK
-        return t[0].isdigit() or t[0] == "." and len(t) > 1 or t.isalpha()
-
-    def group(self):
-        self.expect("{")
-        x = self.expr()
-        self.expect("}")
-        return x
-
-    def arg(self):
-        return self.group() if self.peek() == "{" else self.postfix()
-
-    def atom(self):
-        t = self.take()
-        if t[0].isdigit() or (t[0] == "." and len(t) > 1):
-            if len(t) > MAX_DIGITS:
-                raise _ParseError("number too long")
-            return ("num", Fraction(t.rstrip(".") or "0"))
-        if len(t) == 1 and t.isalpha():
-            if self.peek() == "_":  # x_1, a_{n}
-                self.take()
-                sub = self.take()
-                if sub == "{":
-                    parts = []
-                    while self.peek() not in ("}", None):
-                        parts.append(self.take())
-                    self.expect("}")
-                    sub = "".join(parts)
-                return ("sym", f"{t}_{sub}")
-            return {"i": ("I",), "e": ("E",)}.get(t, ("sym", t))
-        if t == "(":
-            x = self.expr()
-            self.expect(")")
-            return x
-        if t == "{":
-            x = self.expr()
-            self.expect("}")
-            return x
-        if t == "|":
-            self.in_abs += 1
-            x = self.expr()
-            self.expect("|")
-            self.in_abs -= 1
-            return ("abs", x)
-        if t == "\\frac":
-            num, den = self.arg(), self.arg()
-            return ("mul", (num, ("pow", den, _MINUS_ONE)))
-        if t == "\\sqrt":
-            if self.peek() == "[":
-                self.take()
-                index = self.expr()
-                self.expect("]")
-                return ("pow", self.arg(), ("pow", index, _MINUS_ONE))
-            return ("pow", self.arg(), _HALF)
-        if t == "\\binom":
-            return ("binom", self.arg(), self.arg())
-        if t == "\\pi":
-            return ("pi",)
-        if t == "\\infty":
-            return ("oo",)
-        if t[0] == "\\" and t[1:] in _GREEK:
-            return ("sym", t[1:])
-        if t[0] == "\\" and t[1:] in _FUNCS:
-            return self.function(_FUNCS[t[1:]])
-        raise _ParseError(f"unexpected {t!r}")
-
-    def function(self, name: str):
-        base = power = None
-        if name == "log" and self.peek() == "_":
-            self.take()
-            base = self.arg()
-        if self.peek() == "^":  # \sin^2 x
-            self.take()
-            power = self.exponent()
-        if self.peek() == "(":
-            self.take()
-            x = self.expr()
-            self.expect(")")
-        else:  # \cot x, \sin 2x: the following run of numbers and letters
-            factors = [self.power()]
-            while self.peek() is not None and (self.peek()[0].isalnum()):
-                factors.append(self.power())
-            x = factors[0] if len(factors) == 1 else ("mul", tuple(factors))
-        node = ("fn", name, x)
-        if base is not None:
-            node = ("mul", (node, ("pow", ("fn", "log", base), _MINUS_ONE)))
-        return node if power is None else ("pow", node, power)
-
-
-def _parse_expr(s: str):
-    """AST of one LaTeX expression, or None when it is not one we understand."""
-    s = s.strip()
-    if not s or len(s) > MAX_ANSWER_CHARS or _max_depth(s) > MAX_DEPTH:
-        return None
-    try:
-        return _Parser(s).parse()
-    except (_ParseError, ValueError, ZeroDivisionError, RecursionError):
-        return None
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _exact_root(q: Fraction, n: int) -> Fraction | None:
-    if q < 0:
-        if n % 2 == 0:
-            return None
-        r = _exact_root(-q, n)
-        return None if r is None else -r
-    out = []
-    for v in (q.numerator, q.denominator):
-        if n == 2:
-            r = math.isqrt(v)
-        elif v.bit_length() <= 150:  # the float root is within 1 of the integer root
-            r = round(v ** (1.0 / n))
-        else:
-            return None
-        r = next((c for c in (r - 1, r, r + 1) if c >= 0 and c**n == v), None)
-        if r is None:
-            return None
-        out.append(r)
-    return Fraction(out[0], out[1])
-
-
-def _pow_fits(base: Fraction, n: int) -> bool:
-    bits = base.numerator.bit_length() + base.denominator.bit_length()
-    return abs(n) <= 10_000 and bits * abs(n) <= MAX_EXACT_BITS
-
-
-@lru_cache(maxsize=16384)
-def _exact(node) -> Fraction | None:
-    """Exact rational value of an AST with no symbols or irrationals, else None."""
-    tag = node[0]
-    if tag == "num":
-        return node[1]
-    if tag in ("neg", "abs"):
-        v = _exact(node[1])
-        return None if v is None else (-v if tag == "neg" else abs(v))
-    if tag in ("add", "mul"):
-        out = Fraction(0 if tag == "add" else 1)
-        for x in node[1]:
-            v = _exact(x)
-            if v is None:
-                return None
-            out = out + v if tag == "add" else out * v
-            if out.numerator.bit_length() + out.denominator.bit_length() > MAX_EXACT_BITS:
-                return None  # huge rationals make every later gcd slow
-        return out
-    if tag == "pow":
-        b, e = _exact(node[1]), _exact(node[2])
-        if b is None or e is None:
-            return None
-        if e.denominator != 1:
-            if e.denominator > 64:
-                return None
-            b = _exact_root(b, e.denominator)
-            if b is None:
-                return None
-        n = e.numerator
-        if (b == 0 and n < 0) or not _pow_fits(b, n):
-            return None
-        return b**n
-    if tag in ("fact", "binom"):
-        args = [_exact(x) for x in node[1:]]
-        if any(v is None or v.denominator != 1 or not 0 <= v <= 1000 for v in args):
-            return None
-        if tag == "fact":
-            return Fraction(math.factorial(int(args[0])))
-        return Fraction(math.comb(int(args[0]), int(args[1])))
-    return None
-
-
-@lru_cache(maxsize=16384)
-def _symbols(node) -> frozenset:
-    if node[0] == "sym":
-        return frozenset([node[1]])
-    out = frozenset()
-    for x in node[1:]:
-        if isinstance(x, tuple):
-            for y in x if x and isinstance(x[0], tuple) else (x,):
-                out |= _symbols(y)
-    return out
-
-
-@lru_cache(maxsize=16384)
-def _has_inf(node) -> bool:
-    if node[0] == "oo":
-        return True
-    return any(
-        _has_inf(y)
-        for x in node[1:]
-        if isinstance(x, tuple)
-        for y in (x if x and isinstance(x[0], tuple) else (x,))
-    )
-
-
-def _inf_sign(node) -> int | None:
-    if node == ("oo",):
-        return 1
-    if node[0] == "neg" and node[1] == ("oo",):
-        return -1
-    return None
-
-
-_MPCTX = None  # private mpmath context: its precision never touches the global mpmath.mp
-
-
-def _mp():
-    global _MPCTX
-    if _MPCTX is None:
-        import mpmath
-
-        ctx = mpmath.MPContext()
-        ctx.dps = 40
-        _MPCTX = ctx
-    return _MPCTX
-
-
-# Fixed "random" points for the numeric identity test: 3 points, a value per symbol (by
-# sorted position), all positive so that sqrt/log of a symbol take their real branch.
-_POINTS = (
-    (0.7316, 1.2913, 0.4189, 1.5871, 0.9257, 1.1342, 0.6043, 1.4678),
-    (1.3759, 0.5522, 1.1867, 0.8394, 1.6127, 0.4871, 1.0538, 0.7209),
-    (0.4627, 0.9871, 1.5334, 1.2176, 0.6712, 1.4093, 0.8849, 1.1521),
-)
-_MAX_SYMBOLS = len(_POINTS[0])
-_MP_FUNCS = {
-    "sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", "csc": "csc",
-    "asin": "asin", "acos": "acos", "atan": "atan", "sinh": "sinh", "cosh": "cosh",
-    "tanh": "tanh", "log": "log", "exp": "exp",
-}
-
-
-def _evaluate(node, env: dict, ctx):
-    tag = node[0]
-    if tag == "num":
-        return ctx.mpf(node[1].numerator) / node[1].denominator
-    if tag == "sym":
-        return env[node[1]]
-    if tag in ("pi", "E", "I"):
-        return {"pi": ctx.pi, "E": ctx.e, "I": ctx.j}[tag]
-    if tag == "neg":
-        return -_evaluate(node[1], env, ctx)
-    if tag == "add":
-        return ctx.fsum(_evaluate(x, env, ctx) for x in node[1])
-    if tag == "mul":
-        out = ctx.mpf(1)
-        for x in node[1]:
-            out = out * _evaluate(x, env, ctx)
-        return out
-    if tag == "pow":
-        b, e = _evaluate(node[1], env, ctx), _evaluate(node[2], env, ctx)
-        if abs(e) > 1e6 or (b == 0 and ctx.re(e) <= 0):
-            raise _EvalError("power out of range")
-        return ctx.power(b, e)
-    if tag == "fn":
-        x = _evaluate(node[2], env, ctx)
-        if node[1] == "log" and x == 0:
-            raise _EvalError("log(0)")
-        if node[1] not in ("log", "asin", "acos", "atan") and abs(x) > 1e6:
-            raise _EvalError("argument too large")  # sin(10^(10^5)) needs pi to 10^5 digits
-        return getattr(ctx, _MP_FUNCS[node[1]])(x)
-    if tag == "abs":
-        return abs(_evaluate(node[1], env, ctx))
-    if tag in ("fact", "binom"):
-        v = _exact(node)
-        if v is None:
-            raise _EvalError("factorial out of range")
-        return ctx.mpf(v.numerator) / v.denominator
-    raise _EvalError(f"cannot evaluate {tag}")
-
-
-@lru_cache(maxsize=16384)
-def _values(node, names: tuple) -> tuple | None:
-    """The AST's value (mpc) at each of the fixed points, or None when not evaluable."""
-    if len(names) > _MAX_SYMBOLS:
-        return None
-    ctx = _mp()
-    out = []
-    try:
-        for point in _POINTS if names else _POINTS[:1]:  # a constant needs one evaluation
-            env = {n: ctx.mpf(point[k]) for k, n in enumerate(names)}
-            v = ctx.mpc(_evaluate(node, env, ctx))
-            if not (ctx.isfinite(v.real) and ctx.isfinite(v.imag)):
-                return None
-            out.append(v)
-    except Exception:  # _EvalError, ZeroDivisionError, mpmath's NoConvergence, deep trees ...
-        return None
-    return tuple(out)
-
-
-def _close(a, b) -> bool:
-    return abs(a - b) <= 1e-30 * max(1, abs(a), abs(b))
-
-
-# ----------------------------------------------------------------------------- sympy
-
-
-def _timer_available() -> bool:
-    # SIGALRM can be set only from the main thread; and we must not clobber a caller's timer.
-    return (
-        hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-        and signal.getsignal(signal.SIGALRM) is not None  # None: set outside Python, can't restore
-    )
-
-
-def _raise_timeout(signum, frame):
-    raise _Timeout()
-
-
-def _with_time_limit(fn, seconds: float):
-    """fn() under a SIGALRM timer; None on timeout. Call only when _timer_available()."""
-    previous = signal.signal(signal.SIGALRM, _raise_timeout)
-    try:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, seconds)
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        return None
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-
-
-_SYMPY_FUNCS = {"asin": "asin", "acos": "acos", "atan": "atan"}
-
-
-def _to_sympy(node):
-    import sympy as sp
-
-    tag = node[0]
-    if tag == "num":
-        return sp.Rational(node[1].numerator, node[1].denominator)
-    if tag == "sym":
-        return sp.Symbol(node[1], positive=True)  # positive, like the numeric test points
-    if tag in ("pi", "E", "I"):
-        return {"pi": sp.pi, "E": sp.E, "I": sp.I}[tag]
-    if tag == "neg":
-        return -_to_sympy(node[1])
-    if tag == "add":
-        return sp.Add(*[_to_sympy(x) for x in node[1]])
-    if tag == "mul":
-        return sp.Mul(*[_to_sympy(x) for x in node[1]])
-    if tag == "pow":
-        # sympy evaluates Integer powers eagerly: 10^(10^10) would never return.
-        b, e = _exact(node[1]), _exact(node[2])
-        if e is not None and abs(e) > 1000:
-            raise _EvalError("exponent too large")
-        if b is not None and e is not None and not _pow_fits(b, e.numerator):
-            raise _EvalError("power too large")
-        return sp.Pow(_to_sympy(node[1]), _to_sympy(node[2]))
-    if tag == "fn":
-        return getattr(sp, node[1])(_to_sympy(node[2]))
-    if tag == "abs":
-        return sp.Abs(_to_sympy(node[1]))
-    if tag in ("fact", "binom"):
-        v = _exact(node)
-        if v is None:
-            raise _EvalError("factorial out of range")
-        return sp.Rational(v.numerator, v.denominator)
-    raise _EvalError(f"no sympy form for {tag}")
-
-
-_budget = threading.local()  # .deadline: time.monotonic() after which sympy is not started
-
-
-def _sympy_says_equal(a, b) -> bool | None:
-    """sympy's verdict on a == b (True / False), or None when it gives none in time."""
-    seconds = getattr(_budget, "deadline", 0.0) - time.monotonic()
-    if seconds < 0.01 or not _timer_available():
-        return None
-    import sympy  # noqa: F401  (imported outside the timer: an interrupted import is broken)
-
-    def prove():
-        diff = _to_sympy(a) - _to_sympy(b)
-        return True if diff == 0 else diff.equals(0)
-
-    try:
-        return _with_time_limit(prove, seconds)
-    except Exception:  # sympy internals on odd input: no verdict, the numbers decide
-        return None
-
-
-# ----------------------------------------------------------------------------- answers
-# An answer is a structure of elements:
-#   ("one", e)  ("list", es) unordered: "1, -2" or 1 \pm \sqrt{19}   ("set", es) \{..\}
-#   ("tup", open, close, es) tuples and intervals, brackets matter   ("union", parts)
-#   ("mat", rows)
-# and an element is ("x", ast) | ("eq", lhs, rhs, label or None) | ("text", words)
-#   | ("mc", letter) | ("base", digits, base) | ("raw", squashed string)
-# A labelled element ("eq", ("sym", "x"), 5, "x") is "x = 5": the name of what was asked
-# for and its value; an unlabelled "eq" is an equation such as 5x - 7y + 4 = 0.
-
-_LABEL_RE = re.compile(
-    r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?"  # x, a_1, a_{10}, f(x)
-    r"|[A-Z]{2,3}|\\overline\{[A-Z]{2}\}|(?:m\s*)?\\angle\s*[A-Z]{1,3}"  # AB = 4, \angle ABC = 30
-    rf"|\\(?:{'|'.join(sorted(_GREEK))})"  # \theta = \frac{\pi}{4}
-)
-_INEQ = {"<": ("(", ")"), "\\leq": ("[", "]"), ">": ("(", ")"), "\\geq": ("[", "]")}
-_INEQ_OPS = r"(<|>|\\leq|\\geq)"
-_FLIP = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
-_MATRIX_RE = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.S)
-
-
-def _parse_elem(s: str):
-    s = s.strip()
-    parts = _split_top(s, "=")
-    if len(parts) == 1:
-        ast = _parse_expr(s)
-        return ("x", ast) if ast is not None else ("raw", _squash(s))
-    # "x = 5+5+1 = 11": a chain states its value last; the first side names it.
-    lhs, rhs = parts[0].strip(), parts[-1].strip()
-    right = _parse_expr(rhs)
-    if right is None:
-        return ("raw", _squash(s))
-    if _LABEL_RE.fullmatch(lhs):
-        return ("eq", ("sym", lhs), right, lhs)
-    left = _parse_expr(lhs)
-    if left is None:
-        return ("raw", _squash(s))
-    if len(parts) == 2 and (_symbols(left) or _symbols(right)):
-        return ("eq", left, right, None)
-    return ("x", right)  # a computation, "5 + 6 = 11", or a chain "x + y = 2 + 3 = 5"
-
-
-def _expand_pm(s: str) -> list[str]:
-    n = s.count("\\pm") + s.count("\\mp")
-    if n != 1:
-        return [s]
-    if "\\pm" in s:
-        return [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
-    return [s.replace("\\mp", "-"), s.replace("\\mp", "+")]
-
-
-def _parse_elems(parts: list[str]) -> tuple:
-    return tuple(_parse_elem(p) for part in parts for p in _expand_pm(part))
-
-
-def _interval(var_op: str, bound: str) -> str:
-    """The interval of `x op bound`."""
-    if var_op in ("<", "\\leq"):
-        return f"(-\\infty,{bound}{_INEQ[var_op][1]}"
-    return f"{_INEQ[var_op][0]}{bound},\\infty)"
-
-
-def _inequality_to_interval(s: str) -> str:
-    m = re.fullmatch(rf"([a-zA-Z])\s*{_INEQ_OPS}\s*(.+)", s)
-    if m and "<" not in m.group(3) and "\\leq" not in m.group(3):
-        return _interval(m.group(2), m.group(3))
-    m = re.fullmatch(rf"(.+?)\s*{_INEQ_OPS}\s*([a-zA-Z])", s)  # 5 \geq x is x \leq 5
-    if m and not re.search(r"<|>|\\[lg]eq", m.group(1)):
-        return _interval(_FLIP[m.group(2)], m.group(1))
-    m = re.fullmatch(r"(.+?)\s*(<|\\leq)\s*([a-zA-Z])\s*(<|\\leq)\s*(.+)", s)
-    if m:
-        return f"{_INEQ[m.group(2)][0]}{m.group(1)},{m.group(5)}{_INEQ[m.group(4)][1]}"
-    m = re.fullmatch(r"(.+?)\s*(>|\\geq)\s*([a-zA-Z])\s*(>|\\geq)\s*(.+)", s)  # 7 > x \geq -2
-    if m:
-        return f"{_INEQ[m.group(4)][0]}{m.group(5)},{m.group(1)}{_INEQ[m.group(2)][1]}"
-    return s
-
-
-def _parse_matrix(body: str):
-    rows = [r for r in re.split(r"\\\\", body) if r.strip()]
-    cells = tuple(tuple(_parse_elem(c) for c in r.split("&")) for r in rows)
-    if cells and len({len(r) for r in cells}) == 1:
-        return ("mat", cells)
-    return None
-
-
-def _scaled_matrix(s: str):
-    """c \\begin{pmatrix}..\\end{pmatrix} (2, -, \\frac12 \\cdot): the product, cell by cell."""
-    k = s.find("\\begin{")
-    m = _MATRIX_RE.fullmatch(s, k) if k > 0 else None
-    if not m:
-        return None
-    prefix = re.sub(r"(?:\\cdot|\\times|\*)\s*$", "", s[:k].strip()).strip()
-    coef = {"-": _MINUS_ONE, "+": ("num", Fraction(1))}.get(prefix) or _parse_expr(prefix)
-    mat = _parse_matrix(m.group(2))
-    if coef is None or mat is None or any(c[0] != "x" for row in mat[1] for c in row):
-        return None
-    return ("mat", tuple(tuple(("x", ("mul", (coef, c[1]))) for c in row) for row in mat[1]))
-
-
-def _labelled(s: str):
-    """(p,q) = (3,2): the tuple, each value labelled; \\mathbf{v} = <matrix, set, tuple>: it.
-
-    None when `s` is not one labelled structure (x = 5 is an element; x = 1, y = 2 a list).
-    """
-    parts = _split_top(s, "=")
-    if len(parts) < 2 or len(_split_top(s, ",")) > 1:
-        return None
-    lhs, rhs = parts[0].strip(), parts[-1].strip()
-    names = [n.strip() for n in lhs[1:-1].split(",")] if lhs[:1] == "(" and lhs[-1:] == ")" else []
-    if len(names) > 1 and all(_LABEL_RE.fullmatch(n) for n in names):
-        st = _parse_structure(rhs)
-        if st[0] != "tup" or len(st[3]) != len(names):
-            return None
-        elems = [("eq", ("sym", n), e[1], n) if e[0] == "x" else e for n, e in zip(names, st[3])]
-        return ("tup", st[1], st[2], tuple(elems))
-    if _LABEL_RE.fullmatch(lhs):
-        st = _parse_structure(rhs)
-        return st if st[0] != "one" else None
-    return None
-
-
-def _parse_structure(s: str):
-    s = s.strip()
-    if not s:
-        return ("one", ("raw", ""))
-    m = _MATRIX_RE.fullmatch(s)
-    if m:
-        return _parse_matrix(m.group(2)) or ("one", ("raw", _squash(s)))
-    st = _scaled_matrix(s) or _labelled(s)
-    if st:
-        return st
-    if s.startswith("\\{") and s.endswith("\\}") and _wraps_whole(s, 1):
-        return ("set", _parse_elems(_split_top(s[2:-2], ",")))
-    parts = _split_top(s, "\\cup")
-    if len(parts) > 1:
-        return ("union", tuple(_parse_structure(p) for p in parts))
-    if s[0] in "([" and s[-1] in ")]" and _wraps_whole(s, 0):
-        inner = _split_top(s[1:-1], ",")
-        if len(inner) > 1:
-            return ("tup", s[0], s[-1], _parse_elems(inner))
-    parts = _split_top(s, ",")
-    elems = _parse_elems(parts)
-    if len(elems) > 1:
-        return ("list", elems)
-    return ("one", elems[0])
-
-
-def _parse_answer(answer: str):
-    """The structure of a MATH-style answer (cached: gold answers repeat across calls)."""
-    if len(answer) > MAX_ANSWER_CHARS:  # not cached: a megabyte key would stay in memory
-        return ("one", ("raw", _squash(answer)))
-    return _parse_answer_cached(answer)
-
-
-@lru_cache(maxsize=16384)
-def _parse_answer_cached(answer: str):
-    s = _clean(answer)
-    if _max_depth(s) > MAX_DEPTH:
-        return ("one", ("raw", _squash(s)))
-    m = re.fullmatch(r"\(?([A-E])\)(?:\s.*)?|\(?([A-E])", s)  # multiple choice: (C), C, (C) 12
-    if m:
-        return ("one", ("mc", m.group(1) or m.group(2)))
-    if re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+)*", s) and re.search(r"[A-Za-z]{3}", s):
-        return ("one", ("text", s.lower()))
-    m = re.fullmatch(r"(\d+)_\{?(\d+)\}?", s)  # base-b numbers: 52_8, 4210_{5}
-    if m:
-        return ("one", ("base", m.group(1), m.group(2)))
-    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [-2, 7]
-    s = _inequality_to_interval(s)
-    return _parse_structure(s)
-
-
-def _unordered_equal(ps, gs, equal) -> bool:
-    if len(ps) != len(gs):
-        return False
-    unused = list(ps)
-    for g in gs:
-        for k, p in enumerate(unused):
-            if equal(p, g):
-                del unused[k]
-                break
-        else:
-            return False
-    return True
-
-
-def _by_label(ps, gs) -> bool | None:
-    """a = 1, b = 2 against b = 2, a = 1: values matched by name, whatever the order.
-
-    Only when both sides name every value with the same distinct names; otherwise None and
-    the values are compared by position (tuples) or unordered (lists): "x = 1, x = -2"
-    names no value apart, and a bare gold "4, 5" says nothing about which is which.
-    """
-    names = {e[3] if e[0] == "eq" else None for e in ps}
-    if None in names or len(names) != len(ps) or len(gs) != len(ps):
-        return None
-    if {e[3] if e[0] == "eq" else None for e in gs} != names:
-        return None
-    by_name = {e[3]: e[2] for e in gs}
-    return all(_expr_equal(e[2], by_name[e[3]]) for e in ps)
-
-
-def _identity(e, n: int):
-    """The n x n matrix c*I of an element c\\mathbf{I} (I, -I, 2I, I_n), else None."""
-    if e[0] != "x":
-        return None
-    node, signs = e[1], []
-    while node[0] == "neg":
-        node, signs = node[1], signs + [_MINUS_ONE]
-    factors = node[1] if node[0] == "mul" else (node,)
-    ids = [k for k, f in enumerate(factors) if f[0] == "sym" and f[1] in ("I", f"I_{n}")]
-    others = [f for k, f in enumerate(factors) if k not in ids]
-    if len(ids) != 1 or any(_symbols(f) for f in others):
-        return None
-    c = ("mul", (("num", Fraction(1)), *signs, *others))
-    zero = ("num", Fraction(0))
-    return ("mat", tuple(tuple(("x", c if i == j else zero) for j in range(n)) for i in range(n)))
-
-
-def _same_shape(p, g):
-    """(p, g) with one side rewritten in the other's form where both say the same thing.
-
-    A tuple (1,2,3) is the column vector of its entries (not a row: the two shapes differ
-    in MATH), c\\mathbf{I} the square matrix of the other side's size.
-    """
-    for a, b, swap in ((p, g, False), (g, p, True)):
-        if b[0] != "mat":
-            continue
-        rows, new = b[1], None
-        if a[0] == "tup" and a[1:3] == ("(", ")") and len(rows) == len(a[3]) > 1:
-            if all(len(r) == 1 for r in rows):
-                new = ("mat", tuple((e,) for e in a[3]))
-        elif a[0] == "one" and all(len(r) == len(rows) for r in rows):
-            new = _identity(a[1], len(rows))
-        if new is not None:
-            return (b, new) if swap else (new, b)
-    return p, g
-
-
-def _structure_equal(p, g) -> bool:
-    p, g = _same_shape(p, g)
-    kp, kg = p[0], g[0]
-    if kp == "one" and kg == "one":
-        return _elem_equal(p[1], g[1])
-    if kp in ("list", "set") and kg in ("list", "set"):
-        named = _by_label(p[1], g[1])
-        return named if named is not None else _unordered_equal(p[1], g[1], _elem_equal)
-    if kp == "tup" and kg == "tup":
-        if p[1:3] != g[1:3] or len(p[3]) != len(g[3]):
-            return False
-        named = _by_label(p[3], g[3])
-        return named if named is not None else all(map(_elem_equal, p[3], g[3]))
-    if kp == "union" and kg == "union":
-        return _unordered_equal(p[1], g[1], _structure_equal)
-    if kp == "mat" and kg == "mat":
-        return [len(r) for r in p[1]] == [len(r) for r in g[1]] and all(
-            _elem_equal(x, y) for rp, rg in zip(p[1], g[1]) for x, y in zip(rp, rg)
-        )
-    return False
-
-
-def _elem_equal(p, g) -> bool:
-    if p == g:
-        return True
-    if p[0] == "eq" and g[0] == "eq":
-        if p[3] and g[3]:  # x = 5 vs y = 5: the value is what was asked for
-            return _expr_equal(p[2], g[2])
-        return _equation_equal(p, g)
-    # "x = 5" against "5", "y = 2x + 3" against "2x + 3": compare the defining side.
-    if p[0] == "eq" and p[3] and g[0] == "x":
-        return _expr_equal(p[2], g[1])
-    if g[0] == "eq" and g[3] and p[0] == "x":
-        return _expr_equal(p[1], g[2])
-    if p[0] == "x" and g[0] == "x":
-        return _expr_equal(p[1], g[1])
-    if g[0] == "base" and p[0] == "x":  # digits without the subscript: 52 for 52_8
-        return p[1][0] == "num" and str(p[1][1]) == str(int(g[1]))
-    return False
-
-
-def _expr_equal(a, b) -> bool:
-    if a == b:
-        return True
-    if _has_inf(a) or _has_inf(b):
-        return _inf_sign(a) is not None and _inf_sign(a) == _inf_sign(b)
-    qa, qb = _exact(a), _exact(b)
-    if qa is not None and qb is not None:
-        return qa == qb
-    names = _symbols(a)
-    if names != _symbols(b) or (_factored(b) and not _factored(a)):
-        return False  # a is the answer, b the gold: see _factored
-    names = tuple(sorted(names))
-    va, vb = _values(a, names), _values(b, names)
-    if va is None or vb is None:
-        return False  # out of numeric reach (a power like 10^(10^10), a pole at a test point)
-    if not all(map(_close, va, vb)):
-        return False  # the numbers differ: no proof needed
-    # Equal to 30 digits at 3 points. sympy may still refute that (a huge cancellation like
-    # (x+1)^1000 - x^1000). Without a sympy verdict (no timer here, timeout) the numbers
-    # stand, except for constants too large for 30 digits to see a difference of 1.
-    verdict = _sympy_says_equal(a, b)
-    if verdict is not None:
-        return verdict
-    return bool(names) or all(abs(v) < 1e15 for v in va)
-
-
-def _factored(node) -> bool:
-    """A product of polynomial factors, one a sum: (a+5)(b+2), 3(x-1)^2.
-
-    A factored gold means the question asked for the factorization ("Factor ab+5b+2a+10"):
-    the expanded form is the question restated, and is wrong. The other way round a
-    factored answer is the same polynomial as an expanded gold, and is right: "Find the
-    quotient when x^6 - 3 is divided by x + 1" asks for a polynomial, not a form, so
-    (x-1)(x^4+x^2+1) answers it. (For an "Expand ..." question this accepts the question
-    restated, as the value test already does for any unexpanded sum: a checker that sees
-    only the two answers cannot tell these questions apart.)
-    """
-    while node[0] == "neg":
-        node = node[1]
-    factors = node[1] if node[0] == "mul" else (node,)
-    bases = []
-    for f in factors:
-        base, exp = (f[1], _exact(f[2])) if f[0] == "pow" else (f, Fraction(1))
-        if not _symbols(f):
-            continue
-        if exp is None or exp.denominator != 1 or exp < 1:
-            return False  # a quotient or a root: not a factored polynomial
-        bases += [base] * min(int(exp), 2)
-    return len(bases) >= 2 and any(b[0] == "add" for b in bases)
-
-
-def _equation_equal(p, g) -> bool:
-    """Equations are equal when (lhs - rhs) of one is a nonzero constant times the other's."""
-    dp = ("add", (p[1], ("neg", p[2])))
-    dg = ("add", (g[1], ("neg", g[2])))
-    names = _symbols(dp)
-    if names != _symbols(dg):
-        return False
-    names = tuple(sorted(names))
-    vp, vg = _values(dp, names), _values(dg, names)
-    if vp is None or vg is None or any(abs(x) < 1e-25 for x in vp + vg):
-        return False
-    ratios = [x / y for x, y in zip(vp, vg)]
-    return all(_close(r, ratios[0]) for r in ratios)
-
-
 # ----------------------------------------------------------------------------- numbers
 
 
@@ -1225,14 +290,25 @@ def _number_cached(answer: str) -> Fraction | None:
     s = s.rsplit("=", 1)[-1]  # "x = 5", "2 \times 9 = 18": the value after the last "="
     s = re.sub(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}", " ", s)  # leftover unit words
     s = re.sub(r"(\d)[eE]([-+]?\d{1,3})(?![\d.])", r"\1\\times10^{\2}", s)  # 1.5e3
-    ast = _parse_expr(s)
-    return None if ast is None else _exact(ast)
+    return mathgrade.rational(s)
 
 
 def _gold_text(gold: str, dataset: str) -> str:
     if dataset == "gsm8k" and "####" in gold:  # a whole GSM8K solution was passed
         return gold.rsplit("####", 1)[1]
     return gold
+
+
+def _parse_answer(answer: str):
+    """The structure of a MATH-style answer (cached: gold answers repeat across calls)."""
+    if len(answer) > MAX_ANSWER_CHARS:  # not cached: a megabyte key would stay in memory
+        return mathgrade.as_string(answer)
+    return _parse_answer_cached(answer)
+
+
+@lru_cache(maxsize=16384)
+def _parse_answer_cached(answer: str):
+    return mathgrade.parse_answer(_clean(answer))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1251,20 +327,19 @@ def is_equivalent(pred: str | None, gold: str, dataset: str) -> bool:
     "AB = 4, CD = 5" against the bare values (matched by name when both sides name them),
     inequalities either way round (5 \\geq x), the last side of a chain "x = 5+6 = 11".
     Not symmetric in one rule: a factored `pred` is right for an expanded `gold` of the same
-    value, an expanded `pred` is wrong for a factored `gold` (see _factored).
+    value, an expanded `pred` is wrong for a factored `gold` (see mathgrade._factored).
     """
     _check_dataset(dataset)
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     gold = _gold_text(gold, dataset)
-    _budget.deadline = time.monotonic() + SYMPY_SECONDS
     try:
         if dataset in ("gsm8k", "aime24"):
             g = _number(gold)
             if g is not None:
                 p = _number(pred)
                 return p is not None and p == g
-        return _structure_equal(_parse_answer(pred), _parse_answer(gold))
+        return mathgrade.answers_equal(_parse_answer(pred), _parse_answer(gold))
     except Exception:  # a bug must not take down a whole evaluation run: judge it wrong
         return False
 
@@ -1279,89 +354,18 @@ def grade(response_text: str, gold: str, dataset: str, *, finished: bool = True)
     return is_equivalent(answer, gold, dataset)
 
 
-def _fmt(v) -> str:
-    ctx = _mp()
-    re_, im = v.real, v.imag
-    scale = max(abs(re_), abs(im), 1)
-    parts = [ctx.nstr(x, 12) if abs(x) > 1e-25 * scale else "0" for x in (re_, im)]
-    return parts[0] if parts[1] == "0" else f"{parts[0]}{'+' if im > 0 else ''}{parts[1]}j"
-
-
-def _expr_key(ast) -> str:
-    if _has_inf(ast):
-        return {1: "oo", -1: "-oo"}.get(_inf_sign(ast), f"s:{ast!r}")
-    q = _exact(ast)
-    if q is not None:
-        return f"q:{q}"
-    names = tuple(sorted(_symbols(ast)))
-    vals = _values(ast, names)
-    if vals is None:
-        return f"s:{ast!r}"
-    form = "factored" if _factored(ast) else "v"
-    return f"{form}:{','.join(names)}:{';'.join(_fmt(v) for v in vals)}"
-
-
-def _elem_key(e) -> str:
-    tag = e[0]
-    if tag == "x":
-        return _expr_key(e[1])
-    if tag == "eq":
-        if e[3]:
-            return _expr_key(e[2])
-        d = ("add", (e[1], ("neg", e[2])))
-        names = tuple(sorted(_symbols(d)))
-        vals = _values(d, names)
-        if vals is None or abs(vals[0]) < 1e-25:
-            return f"s:{e!r}"
-        return f"eq:{','.join(names)}:{';'.join(_fmt(v / vals[0]) for v in vals)}"
-    if tag == "base":
-        return f"b:{int(e[1])}_{e[2]}"
-    return f"{tag}:{e[1]}"
-
-
-def _structure_key(st) -> str:
-    tag = st[0]
-    if tag == "one":
-        return _elem_key(st[1])
-    if tag in ("list", "set"):
-        return "{" + "|".join(sorted(_elem_key(e) for e in st[1])) + "}"
-    if tag == "tup":
-        return st[1] + "|".join(_elem_key(e) for e in st[3]) + st[2]
-    if tag == "union":
-        return "U(" + "|".join(sorted(_structure_key(p) for p in st[1])) + ")"
-    if len(st[1]) > 1 and all(len(row) == 1 for row in st[1]):  # a column vector keys as (1,2,3)
-        return "(" + "|".join(_elem_key(row[0]) for row in st[1]) + ")"
-    return "M[" + "//".join("|".join(_elem_key(e) for e in row) for row in st[1]) + "]"
-
-
-def answer_key(answer: str | None, dataset: str) -> str:
-    """Canonical string for majority votes: equivalent answers written differently share it.
-
-    Exact rationals key by value ("q:1080"), other expressions by their 12-digit values at
-    the test points, structures by their parts (sorted where order does not matter). Keys
-    agree with is_equivalent except in rare cross-notation cases (52 vs 52_8, a rational
-    written as sin(pi/6), \\mathbf{I} vs its matrix, a factored answer vs an expanded one,
-    names: "a=1, b=2" and "a=2, b=1" share a key); group_answers uses is_equivalent
-    itself. A column vector keys like the tuple of its entries. None -> "".
-    """
-    _check_dataset(dataset)
-    if not isinstance(answer, str):
-        return ""
-    try:
-        if dataset in ("gsm8k", "aime24"):
-            v = _number(answer)
-            if v is not None:
-                return f"q:{v}"
-        return _structure_key(_parse_answer(answer))
-    except Exception:
-        return "s:" + _squash(answer[:MAX_ANSWER_CHARS])
-
-
 def group_answers(answers: list[str | None], dataset: str) -> list[list[int]]:
-    """Indices of `answers` grouped by equivalence, groups in order of first appearance.
+    """Indices of `answers` in groups of equivalent answers: the one meaning of "same answer".
 
-    None (no extractable answer) belongs to no group. SSB uses this to find the most common
-    wrong answer: the largest group whose representative is not equivalent to the gold.
+    An answer joins the first group whose first member it is equivalent to, with that FIRST
+    MEMBER AS THE GOLD: is_equivalent(answer, first, dataset), or answer == first. Otherwise
+    it starts a group. Groups come in order of their first member, indices ascend within a
+    group, None (no extracted answer) is in no group. One group each: "1,000", "1000.0",
+    "$1000" for gsm8k; "\\frac{1}{2}", "0.5" for math500. The gold side matters in one rule
+    (see is_equivalent): "(x-1)(x+2)" after "x^2+x-2" joins it; the other way round it does not.
+
+    SSB's most common wrong answer: the right answers passed as None, the largest group, ties
+    drawn by the caller. Majority vote: max(groups, key=len), the first of the largest groups.
     """
     _check_dataset(dataset)
     groups: list[list[int]] = []
@@ -1369,7 +373,8 @@ def group_answers(answers: list[str | None], dataset: str) -> list[list[int]]:
         if a is None:
             continue
         for g in groups:
-            if is_equivalent(a, answers[g[0]], dataset):
+            first = answers[g[0]]
+            if a == first or is_equivalent(a, first, dataset):
                 g.append(i)
                 break
         else:

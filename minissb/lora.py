@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minissb.data import atomic_write, remove_temp_files
+from minissb.runs import atomic_write, read_json, remove_temp_files
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NEVER_WRAPPED = ("lm_head", "embed_tokens")  # tied to each other in Qwen2.5; LoRA here is out of scope
@@ -51,10 +51,6 @@ UNSUPPORTED_FIELDS = (
     "layers_to_transform", "layers_pattern", "exclude_modules", "layer_replication",
     "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
 )
-
-
-class LoRAError(ValueError):
-    """LoRA could not be applied, saved or loaded; the message says what to fix."""
 
 
 class BaseModelMismatchWarning(UserWarning):
@@ -131,22 +127,22 @@ def _target_names(model: nn.Module, targets) -> list[str]:
         targets = (targets,)
     targets = tuple(targets)
     if not targets:
-        raise LoRAError("targets is empty: name the linear layers to adapt, e.g. q_proj, v_proj")
+        raise ValueError("targets is empty: name the linear layers to adapt, e.g. q_proj, v_proj")
     for t in targets:
         if t.rsplit(".", 1)[-1] in NEVER_WRAPPED:
-            raise LoRAError(f"target {t!r}: minissb never puts LoRA on the LM head or the embeddings")
+            raise ValueError(f"target {t!r}: minissb never puts LoRA on the LM head or the embeddings")
     names, matched = [], set()
     for name, module in model.named_modules():
         hits = [t for t in targets if name == t or name.rsplit(".", 1)[-1] == t]
         if not hits:
             continue
         if not isinstance(module, (nn.Linear, LoRALinear)):
-            raise LoRAError(f"target {hits[0]!r} matches {name}, a {type(module).__name__}, not a linear layer")
+            raise ValueError(f"target {hits[0]!r} matches {name}, a {type(module).__name__}, not a linear layer")
         names.append(name)
         matched.update(hits)
     unmatched = [t for t in targets if t not in matched]
     if unmatched:
-        raise LoRAError(f"target {unmatched[0]!r} matches no layer of the model (expected names like {', '.join(DEFAULT_TARGETS)})")
+        raise ValueError(f"target {unmatched[0]!r} matches no layer of the model (expected names like {', '.join(DEFAULT_TARGETS)})")
     return names
 
 
@@ -158,11 +154,11 @@ def apply_lora(model: nn.Module, r: int = 32, alpha: float = 32, dropout: float 
     updates of small LoRA weights would be lost to bf16 rounding (PEFT does the same).
     """
     if not isinstance(r, int) or r < 1:
-        raise LoRAError(f"rank r must be a positive integer, got {r!r}")
+        raise ValueError(f"rank r must be a positive integer, got {r!r}")
     if not 0.0 <= dropout < 1.0:
-        raise LoRAError(f"dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if lora_modules(model):
-        raise LoRAError("the model already has LoRA layers; apply_lora once per model")
+        raise ValueError("the model already has LoRA layers; apply_lora once per model")
     names = _target_names(model, targets)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
@@ -182,7 +178,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def _require_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     modules = lora_modules(model)
     if not modules:
-        raise LoRAError("the model has no LoRA layers: call apply_lora(model) or load_adapter(model, dir) first")
+        raise ValueError("the model has no LoRA layers: call apply_lora(model) or load_adapter(model, dir) first")
     return modules
 
 
@@ -192,7 +188,7 @@ def adapters_disabled(model: nn.Module):
     modules = [m for _, m in lora_modules(model)]
     if any(m.merged for m in modules):
         # W holds W + s B A while merged, so skipping the branch would not give the base model.
-        raise LoRAError("adapters_disabled() needs unmerged adapters: call unmerge_lora(model) first")
+        raise ValueError("adapters_disabled() needs unmerged adapters: call unmerge_lora(model) first")
     previous = [m.disabled for m in modules]
     for m in modules:
         m.disabled = True
@@ -211,7 +207,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     modules = _require_lora(model)
     if any(m.disabled for _, m in modules):
-        raise LoRAError("merge_lora() inside adapters_disabled(): merge outside the block")
+        raise ValueError("merge_lora() inside adapters_disabled(): merge outside the block")
     for _, m in modules:
         m.merge()
     return model
@@ -239,7 +235,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
     first = modules[0][1]
     for name, m in modules:
         if (m.r, m.alpha, m.use_rslora, m.dropout) != (first.r, first.alpha, first.use_rslora, first.dropout):
-            raise LoRAError(f"{name} has r/alpha/rslora/dropout unlike {modules[0][0]}: one adapter config cannot describe both")
+            raise ValueError(f"{name} has r/alpha/rslora/dropout unlike {modules[0][0]}: one adapter config cannot describe both")
     tensors = {}
     for name, m in modules:
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
@@ -278,39 +274,34 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
 def _read_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_FILE
     if not adapter_dir.is_dir():
-        raise LoRAError(f"adapter directory {adapter_dir} does not exist")
+        raise ValueError(f"adapter directory {adapter_dir} does not exist")
     if not path.is_file():
-        raise LoRAError(f"{adapter_dir} has no {CONFIG_FILE}: is it a PEFT adapter directory?")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoRAError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise LoRAError(f"{path}: expected a JSON object, got a {type(config).__name__}; re-save the adapter")
+        raise ValueError(f"{adapter_dir} has no {CONFIG_FILE}: is it a PEFT adapter directory?")
+    config = read_json(path, "re-save the adapter")
     if config.get("peft_type") != "LORA":
-        raise LoRAError(f"{path}: peft_type is {config.get('peft_type')!r}; minissb loads only LORA adapters")
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; minissb loads only LORA adapters")
     for key in UNSUPPORTED_FIELDS:
         if config.get(key):
-            raise LoRAError(f"{path}: {key}={config[key]!r} is not supported by minissb (plain LoRA only)")
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported by minissb (plain LoRA only)")
     if config.get("bias", "none") != "none":
-        raise LoRAError(f"{path}: bias={config['bias']!r} is not supported by minissb (only \"none\")")
+        raise ValueError(f"{path}: bias={config['bias']!r} is not supported by minissb (only \"none\")")
     r = config.get("r")
     if not isinstance(r, int) or r < 1:
-        raise LoRAError(f"{path}: r must be a positive integer, got {r!r}")
+        raise ValueError(f"{path}: r must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise LoRAError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+        raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
     dropout = config.get("lora_dropout") or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise LoRAError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+        raise ValueError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     if not isinstance(config.get("use_rslora", False), bool):
-        raise LoRAError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+        raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise LoRAError(f"{path}: base_model_name_or_path must be a string, got {base!r}")
+        raise ValueError(f"{path}: base_model_name_or_path must be a string, got {base!r}")
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise LoRAError(f"{path}: target_modules must be a list of module names, got {targets!r}")
+        raise ValueError(f"{path}: target_modules must be a list of module names, got {targets!r}")
     return config
 
 
@@ -341,9 +332,9 @@ def _read_lora_tensors(weights: Path, expected: dict, model: nn.Module, r: int, 
             missing = sorted(expected.keys() - keys)
             unexpected = sorted(keys - expected.keys())
             if missing:
-                raise LoRAError(f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+                raise ValueError(f"{weights}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
             if unexpected:
-                raise LoRAError(f"{weights}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all; "
+                raise ValueError(f"{weights}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all; "
                                 f"target_modules is {config['target_modules']})")
             for key, (name, ab) in expected.items():
                 t = f.get_tensor(key)
@@ -353,12 +344,12 @@ def _read_lora_tensors(weights: Path, expected: dict, model: nn.Module, r: int, 
                 if got != want:
                     rank_dim = 0 if ab == "A" else 1
                     if t.ndim == 2 and got[rank_dim] != r:
-                        raise LoRAError(f"{weights}: {key} has rank {got[rank_dim]} but {CONFIG_FILE} says r={r}")
-                    raise LoRAError(f"{weights}: {key} has shape {got}, this model's {name} needs {want}: "
+                        raise ValueError(f"{weights}: {key} has rank {got[rank_dim]} but {CONFIG_FILE} says r={r}")
+                    raise ValueError(f"{weights}: {key} has shape {got}, this model's {name} needs {want}: "
                                     "was the adapter trained on a different base model?")
                 tensors[key] = t
     except SafetensorError as e:  # truncated, random bytes, not safetensors at all
-        raise LoRAError(f"{weights}: not a readable safetensors file ({e}); save or copy the adapter again") from None
+        raise ValueError(f"{weights}: not a readable safetensors file ({e}); save or copy the adapter again") from None
     return tensors
 
 
@@ -375,24 +366,24 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_model: s
     weights = adapter_dir / WEIGHTS_FILE
     if not weights.is_file():
         hint = " (adapter_model.bin is not read: re-save it with safe_serialization=True)" if (adapter_dir / "adapter_model.bin").exists() else ""
-        raise LoRAError(f"{adapter_dir} has no {WEIGHTS_FILE}{hint}")
+        raise ValueError(f"{adapter_dir} has no {WEIGHTS_FILE}{hint}")
     r, alpha = config["r"], config["lora_alpha"]
     use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout") or 0.0)
     try:
         names = _target_names(model, config["target_modules"])
-    except LoRAError as e:
-        raise LoRAError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
 
     existing = dict(lora_modules(model))
     if existing:
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         if set(existing) != set(names):
-            raise LoRAError(f"the model's LoRA layers differ from target_modules={config['target_modules']} in {adapter_dir}")
+            raise ValueError(f"the model's LoRA layers differ from target_modules={config['target_modules']} in {adapter_dir}")
         m = next(iter(existing.values()))
         if (m.r, m.scaling) != (r, scaling):
-            raise LoRAError(f"the model has LoRA r={m.r}, scaling={m.scaling:g} but {adapter_dir} has r={r}, scaling={scaling:g}")
+            raise ValueError(f"the model has LoRA r={m.r}, scaling={m.scaling:g} but {adapter_dir} has r={r}, scaling={scaling:g}")
         if any(m.merged for m in existing.values()):
-            raise LoRAError("load_adapter() into a merged model: call unmerge_lora(model) first")
+            raise ValueError("load_adapter() into a merged model: call unmerge_lora(model) first")
 
     expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": (n, ab) for n in names for ab in "AB"}
     tensors = _read_lora_tensors(weights, expected, model, r, config)
@@ -409,7 +400,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_model: s
 
 __all__ = [
     "DEFAULT_TARGETS",
-    "LoRAError",
+    
     "LoRALinear",
     "apply_lora",
     "lora_modules",

@@ -17,9 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class ModelLoadError(ValueError):
-    """A checkpoint could not be loaded; the message says what to fix."""
+from minissb.runs import read_json
 
 
 # ----------------------------------------------------------------------------- config
@@ -43,7 +41,7 @@ class Qwen2Config:
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ModelLoadError(
+            raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
@@ -55,7 +53,7 @@ class Qwen2Config:
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
             d = {**d, "rope_theta": d["rope_parameters"].get("rope_theta")}  # transformers >= 5 nests it
         if d.get("rope_scaling"):
-            raise ModelLoadError(f"rope_scaling={d['rope_scaling']} is not supported by minissb")
+            raise ValueError(f"rope_scaling={d['rope_scaling']} is not supported by minissb")
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
     @classmethod
@@ -64,7 +62,7 @@ class Qwen2Config:
             with open(path) as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d)
 
 
@@ -331,14 +329,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; pass the model directory that holds config.json")
+            raise ValueError(f"{path} is a file; pass the model directory that holds config.json")
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json: is it an HF-format model directory?")
+            raise ValueError(f"{path} has no config.json: is it an HF-format model directory?")
         return path
     name = str(name_or_path)
     looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_repo:
-        raise ModelLoadError(f"model path {name} does not exist (and is not a hub repo id like Qwen/Qwen2.5-3B-Instruct)")
+        raise ValueError(f"model path {name} does not exist (and is not a hub repo id like Qwen/Qwen2.5-3B-Instruct)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -346,21 +344,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     except Exception as e:  # offline, unknown repo, no network: one line that says which
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
-        raise ModelLoadError(f"could not get {name} from the Hugging Face hub{hint}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(f"could not get {name} from the Hugging Face hub{hint}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 # Qwen2Config's field types (annotations are strings here) -> accepted JSON types, and how to say so.
 _CONFIG_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false")}
-
-
-def _read_json_object(path: Path, what: str) -> dict:
-    try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); {what}") from None
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got a {type(d).__name__}; {what}")
-    return d
 
 
 def load_config(model_dir: str | os.PathLike) -> Qwen2Config:
@@ -368,7 +356,7 @@ def load_config(model_dir: str | os.PathLike) -> Qwen2Config:
     and range first, so a bad value is one error naming the file and the key."""
     path = Path(model_dir) / "config.json"
     fix = "fix it or download the model again"
-    d = _read_json_object(path, fix)
+    d = read_json(path, fix)
     rope = d.get("rope_parameters")
     values = {**({"rope_theta": rope.get("rope_theta")} if isinstance(rope, dict) else {}), **d}
     for f in fields(Qwen2Config):
@@ -377,29 +365,29 @@ def load_config(model_dir: str | os.PathLike) -> Qwen2Config:
             continue  # the default
         want, kind = _CONFIG_TYPES[f.type]
         if not isinstance(value, want) or (isinstance(value, bool) and f.type != "bool"):
-            raise ModelLoadError(f"{path}: {f.name} must be {kind}, got {value!r}; {fix}")
+            raise ValueError(f"{path}: {f.name} must be {kind}, got {value!r}; {fix}")
         if f.type != "bool" and not (0 < value < float("inf") or (f.name == "head_dim" and value == 0)):
-            raise ModelLoadError(f"{path}: {f.name} must be a finite number > 0, got {value!r}; {fix}")
+            raise ValueError(f"{path}: {f.name} must be a finite number > 0, got {value!r}; {fix}")
     try:
         return Qwen2Config.from_dict(d)
-    except ModelLoadError as e:  # inconsistent values (heads) or unsupported ones (rope_scaling)
-        raise ModelLoadError(f"{path}: {e}") from None
+    except ValueError as e:  # inconsistent values (heads) or unsupported ones (rope_scaling)
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file that holds it."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json_object(index, "download the model again").get("weight_map")
+        weight_map = read_json(index, "download the model again").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ModelLoadError(f"{index}: 'weight_map' must map tensor names to file names; download the model again")
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to file names; download the model again")
         for fname in sorted(set(weight_map.values())):
             if not (model_dir / fname).is_file():
-                raise ModelLoadError(f"{model_dir / fname} (named in {index.name}) not found; download the model again")
+                raise ValueError(f"{model_dir / fname} (named in {index.name}) not found; download the model again")
         return {name: model_dir / fname for name, fname in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise ModelLoadError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+        raise ValueError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -409,8 +397,8 @@ def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
         raise _unreadable(single, e) from None
 
 
-def _unreadable(path: Path, e: Exception) -> ModelLoadError:
-    return ModelLoadError(f"{path}: not a readable safetensors file ({e}): it is truncated or corrupt; "
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable safetensors file ({e}): it is truncated or corrupt; "
                           "download or save the model again")
 
 
@@ -435,9 +423,9 @@ def from_pretrained(name_or_path, dtype: torch.dtype = torch.bfloat16, device="c
     unexpected = sorted(n for n in files if n not in expected and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     missing = sorted(n for n in expected if n not in files)
     if missing:
-        raise ModelLoadError(f"{model_dir}: tensor {missing[0]} is missing from the checkpoint ({len(missing)} missing in all)")
+        raise ValueError(f"{model_dir}: tensor {missing[0]} is missing from the checkpoint ({len(missing)} missing in all)")
     if unexpected:
-        raise ModelLoadError(f"{model_dir}: unexpected tensor {unexpected[0]} in {files[unexpected[0]].name} ({len(unexpected)} unexpected in all)")
+        raise ValueError(f"{model_dir}: unexpected tensor {unexpected[0]} in {files[unexpected[0]].name} ({len(unexpected)} unexpected in all)")
 
     loaded: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
@@ -449,7 +437,7 @@ def from_pretrained(name_or_path, dtype: torch.dtype = torch.bfloat16, device="c
                 for name in names:
                     t = f.get_tensor(name)
                     if tuple(t.shape) != tuple(expected[name].shape):
-                        raise ModelLoadError(
+                        raise ValueError(
                             f"{fpath.name}: tensor {name} has shape {tuple(t.shape)}, "
                             f"config.json implies {tuple(expected[name].shape)}"
                         )
@@ -500,7 +488,7 @@ __all__ = [
     "Qwen2Config",
     "Qwen2ForCausalLM",
     "KVCache",
-    "ModelLoadError",
+    
     "from_pretrained",
     "load_config",
     "save_pretrained",

@@ -63,22 +63,18 @@ REQUIRED_PLACEHOLDERS = ("question", "correct", "wrong")
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 
 
-class PromptFileError(ValueError):
-    """A prompt file cannot be used; the message says what to fix."""
-
-
 def read_prompt_file(path: str | os.PathLike, teacher: bool) -> str:
     """The text of a --system-prompt-file or --teacher-prompt-file, checked."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"{path}: cannot read the prompt file ({e.__class__.__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot read the prompt file ({e.__class__.__name__}: {e})") from None
     if not text.strip():
-        raise PromptFileError(f"{path}: the prompt file is empty")
+        raise ValueError(f"{path}: the prompt file is empty")
     if teacher:
         missing = [p for p in REQUIRED_PLACEHOLDERS if "{" + p + "}" not in text]
         if missing:
-            raise PromptFileError(f"{path}: the teacher prompt has no {{{missing[0]}}} placeholder "
+            raise ValueError(f"{path}: the teacher prompt has no {{{missing[0]}}} placeholder "
                                   f"(it needs {{question}}, {{correct}} and {{wrong}}; {{gold}} is optional)")
     return text
 

@@ -32,7 +32,7 @@ ORIGINAL = {
         "max_new_tokens": 8192,
         "teacher_max_new_tokens": 8192,
         "answer_rule": "exact",  # logit_gen.py 138-139, 218: boxed string == the text after "####"
-        "no_gates": True,  # the original keeps every teacher solution with the right answer
+        "gates": False,  # the original keeps every teacher solution with the right answer
     },
     "train": {
         "student_input": "flat",  # ssb_train.py 89, 213: " ".join(system, question) + reply, no chat template, no <|im_end|>

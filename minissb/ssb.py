@@ -7,7 +7,7 @@ For each training problem, in data order, many problems in flight at once:
    skipped as all_correct, all_wrong or no_answer (a rollout with no extracted answer is
    neither right nor wrong);
 3. pick one correct rollout and one rollout with the most common wrong answer (answers that
-   are equivalent count as one, via grader.answer_key; ties are broken by a seeded draw);
+   are equivalent count as one, via grader.group_answers; ties are broken by a seeded draw);
 4. show both to the same model in the hinted teacher prompt and sample its solution;
 5. keep the pair if the solution's answer is right and it passes the quality gates
    (minissb.gates: truncated, leak, copy); otherwise record why it was skipped.
@@ -32,10 +32,8 @@ arguments refuses instead of mixing two runs in one file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -45,13 +43,10 @@ from typing import Sequence
 import torch
 
 from minissb import gates, grader, prompts
-from minissb.data import Problem, append_jsonl, config_differences, read_jsonl, write_json_atomic
+from minissb.data import Problem
 from minissb.engine import Request
+from minissb.runs import append_jsonl, problem_seed, read_jsonl, write_json_atomic
 from minissb.targets import CapturedTargets
-
-
-class SSBError(ValueError):
-    """A stage-1 run cannot start or continue; the message says what to fix."""
 
 
 # Skip reasons, in the order a problem can fail.
@@ -85,29 +80,15 @@ class Stage1Options:
     batch_size: int = 64  # the engine's slots: sequences decoded together
     keep_rollouts: bool = False  # also store every rollout's text in the records
 
-    def validate(self) -> None:
-        if self.num_rollouts < 2:
-            raise SSBError(f"--k {self.num_rollouts}: need at least 2 rollouts to find a correct and a wrong one")
-        for name in ("rollout_temperature", "teacher_temperature"):
-            if getattr(self, name) < 0:
-                raise SSBError(f"--{name.replace('_', '-')} must be >= 0 (0 = greedy), got {getattr(self, name)}")
-        if self.top_k is not None and self.top_k < 1:
-            raise SSBError(f"--top-k must be >= 1 (or 0 for no top-k filter), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise SSBError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise SSBError(f"--repetition-penalty must be finite and > 0 (1 = off), got {self.repetition_penalty}")
-        if self.batch_size < self.num_rollouts:
-            raise SSBError(f"--batch-size {self.batch_size} (engine slots) must be at least --k {self.num_rollouts}")
-        for name in ("max_new_tokens", "teacher_max_new_tokens", "num_pairs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SSBError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.answer_rule not in ("meaning", "exact"):
-            raise SSBError(f"--answer-rule must be meaning or exact, got {self.answer_rule!r}")
-        if self.hint_order not in ("correct-first", "wrong-first"):
-            raise SSBError(f"--hint-order must be correct-first or wrong-first, got {self.hint_order!r}")
-        if not 0 < self.copy_threshold <= 1:
-            raise SSBError(f"--copy-threshold must be in (0, 1], got {self.copy_threshold}")
+    def __post_init__(self):  # sample.py's options already hold these: a violation is a caller's bug
+        assert self.num_rollouts >= 2, "need at least 2 rollouts to find a correct and a wrong one"
+        assert self.rollout_temperature >= 0 and self.teacher_temperature >= 0, "temperatures are >= 0 (0 = greedy)"
+        assert self.top_k is None or self.top_k >= 1, "top_k is None (off) or >= 1"
+        assert self.top_p is None or 0 < self.top_p <= 1, "top_p is None (off) or in (0, 1]"
+        assert 0 < self.repetition_penalty < float("inf"), "repetition_penalty is finite and > 0 (1 = off)"
+        assert min(self.max_new_tokens, self.teacher_max_new_tokens, self.num_pairs, self.batch_size) >= 1
+        assert self.answer_rule in ("meaning", "exact") and self.hint_order in ("correct-first", "wrong-first")
+        assert 0 < self.copy_threshold <= 1, "copy_threshold is in (0, 1]"
 
 
 # Options that may change when a run is restarted (how much, how fast, what is logged).
@@ -183,8 +164,8 @@ def select_pair(
 ) -> Selection:
     """Pick one correct rollout and one carrying the most common wrong answer.
 
-    Wrong answers are grouped by grader.answer_key ("1,000", "1000.0" and "$1000" are one
-    answer); the biggest group wins, ties drawn with `rng`. Within the chosen groups a
+    Wrong answers are grouped by meaning (grader.group_answers: "1,000", "1000.0" and "$1000"
+    are one answer); the biggest group wins, ties drawn with `rng`. Within the chosen groups a
     rollout that ended on its own (`finished`) is preferred to one cut by the token limit.
     """
     answers, correct = list(answers), list(correct)
@@ -200,13 +181,13 @@ def select_pair(
     if sel.reason:
         return sel
 
-    groups: dict[str, list[int]] = {}
-    for i in wrong:
-        key = answers[i] if rule == "exact" else grader.answer_key(answers[i], dataset)  # exact: "18.00" is not "18"
-        groups.setdefault(key, []).append(i)
-    top = max(len(g) for g in groups.values())
-    tied = sorted(key for key, g in groups.items() if len(g) == top)  # sorted: the draw depends on rng only
-    wrong_group = groups[rng.choice(tied)]
+    wrong_answers = [a if i in wrong else None for i, a in enumerate(answers)]
+    if rule == "exact":  # the original's rule: "18.00" is not "18"
+        groups = [[i for i in wrong if answers[i] == a] for a in dict.fromkeys(answers[i] for i in wrong)]
+    else:
+        groups = grader.group_answers(wrong_answers, dataset)
+    top = max(len(g) for g in groups)
+    wrong_group = rng.choice([g for g in groups if len(g) == top])  # groups in first-index order: the draw depends on rng only
 
     def pick(indices: list[int]) -> int:
         done = [i for i in indices if finished is None or finished[i]]
@@ -283,29 +264,12 @@ class RunFiles:
     def targets(self) -> Path:
         return self.stem.with_name(self.stem.name + ".targets")
 
-
-def check_run_config(files: RunFiles, config: dict) -> bool:
-    """Refuse to continue a run made with other arguments. True if the run is new."""
-    path = files.run_config
-    if not path.is_file():
-        for existing in (files.pairs, files.skipped):
-            if existing.is_file() and existing.stat().st_size > 0:
-                raise SSBError(
-                    f"{existing} exists but {path.name} does not, so it cannot be told apart from another run: "
-                    f"pass a new --out, or move the old files away"
-                )
-        return True
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SSBError(f"{path}: not valid JSON ({e}); it records the arguments of the run in {files.pairs.name}") from None
-    shown = config_differences(stored, config)
-    if shown:
-        raise SSBError(
-            f"{files.pairs} belongs to a run with other arguments ({shown}): rerun with the same arguments "
-            f"to continue it, or pass a new --out"
-        )
-    return False
+    def read_summary(self) -> dict | None:
+        """The summary of the earlier sessions of this run (their token and time totals), if readable."""
+        try:
+            return json.loads(self.summary.read_text()) if self.summary.is_file() else None
+        except json.JSONDecodeError:
+            return None  # only the totals are lost; the counts come from the records
 
 
 def read_done(files: RunFiles) -> tuple[list[dict], list[dict]]:
@@ -315,7 +279,7 @@ def read_done(files: RunFiles) -> tuple[list[dict], list[dict]]:
         records = read_jsonl(path) if path.is_file() else []
         for n, rec in enumerate(records, start=1):
             if not isinstance(rec.get("id"), str) or (path == files.skipped and "reason" not in rec):
-                raise SSBError(f"{path}: record {n} has no 'id'{' or reason' if path == files.skipped else ''}: not written by sample.py?")
+                raise ValueError(f"{path}: record {n} has no 'id'{' or reason' if path == files.skipped else ''}: not written by sample.py?")
         out.append(records)
     return out[0], out[1]
 
@@ -341,6 +305,16 @@ class RunStats:
         self.target_bytes = int(prev.get("target_bytes", 0))
         self.target_rows = int(prev.get("target_rows", 0))
         self.sessions = int(prev.get("sessions", 0)) + 1
+        self._clock = time.perf_counter()  # save() adds the time since the last save
+
+    def save(self, path: Path) -> dict:
+        """Write the summary, this session's time so far included (a killed session keeps its share)."""
+        now = time.perf_counter()
+        self.generation_seconds += now - self._clock
+        self._clock = now
+        summary = self.to_dict()
+        write_json_atomic(path, summary)
+        return summary
 
     def to_dict(self) -> dict:
         tokens = self.rollout_tokens + self.teacher_tokens
@@ -377,13 +351,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"captured targets:  {summary['target_rows']} rows, {summary['target_bytes']:,} bytes = "
                      f"{summary['target_bytes'] / summary['target_rows']:,.0f} bytes per token")
     return "\n".join(lines)
-
-
-def problem_seed(seed: int, tag: str, problem_id: str) -> int:
-    """Sampling seed of one problem's rollouts or teacher solution: the run seed and the
-    problem alone, so a restart or another pool size writes the same records."""
-    digest = hashlib.sha256(f"{seed}:{tag}:{problem_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class Stage1:
@@ -456,66 +423,6 @@ class Stage1:
         self.stats.pairs += 1
 
 
-def run_stage1(problems: Sequence[Problem], tokenizer, engine, files: RunFiles, opts: Stage1Options, model_name: str,
-               targets: CapturedTargets | None = None, progress: bool = True) -> dict:
-    """Run (or continue) stage 1 over `problems`; returns the run summary (also saved as JSON).
-
-    engine: a minissb.engine.Engine (or anything with its run()/add()). Problems stream
-    through it: a problem's rollouts are graded as soon as its K samples are done, its
-    teacher request jumps the queue, and each record is written the moment it is decided.
-    The caller has checked the run config (check_run_config) before anything is written.
-    """
-    from tqdm import tqdm
-
-    for path in (files.pairs, files.skipped):  # both exist from the start, empty or not, for the next stage
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    pairs, skipped = read_done(files)
-    done = {r["id"] for r in pairs} | {r["id"] for r in skipped}
-    try:  # the token and time totals of earlier sessions of this run
-        previous = json.loads(files.summary.read_text()) if files.summary.is_file() else None
-    except json.JSONDecodeError:
-        previous = None  # only the totals are lost; the counts come from the records
-    stats = RunStats(pairs, skipped, previous)
-    stage = Stage1(tokenizer, files, opts, model_name, stats, targets)
-    todo = [p for p in problems if p.id not in done]
-
-    def feed():  # pulled lazily by the engine, whenever slots are free
-        for p in todo:
-            if stats.pairs >= opts.num_pairs:
-                return
-            yield stage.rollout_request(p)
-
-    bar = tqdm(total=len(todo), desc="stage 1", unit="problem", disable=not progress, dynamic_ncols=True)
-    bar.set_postfix(pairs=stats.pairs)
-    earlier, t0 = stats.generation_seconds, time.perf_counter()
-
-    def save_summary() -> dict:  # the time so far goes in each save: a killed session keeps its share
-        stats.generation_seconds = earlier + time.perf_counter() - t0
-        summary = stats.to_dict()
-        write_json_atomic(files.summary, summary)
-        return summary
-
-    try:
-        for out in engine.run(feed()):
-            if stats.pairs >= opts.num_pairs:
-                break  # enough pairs: problems still in flight stay undone
-            kind, problem = out.request.tag[:2]
-            if kind == "rollouts":
-                teacher = stage.on_rollouts(problem, out.completions)
-                if teacher is not None:
-                    engine.add(teacher)
-                    continue
-            else:
-                stage.on_teacher(out.request.tag, out.completions[0])
-            bar.update(1)
-            bar.set_postfix(pairs=stats.pairs)
-            save_summary()
-    finally:
-        bar.close()
-    return save_summary()
-
-
 def run_config(opts: Stage1Options, model: str, dtype: str, dataset: str, split: str, data: str | None,
                data_sha256: str | None = None) -> dict:
     """What identifies a run: everything that changes its records (not how many or how fast),
@@ -530,25 +437,6 @@ def run_config(opts: Stage1Options, model: str, dtype: str, dataset: str, split:
 # ----------------------------------------------------------------------------- sample.py
 
 
-def _identity(path_or_id: str | None) -> str | None:
-    """A local path as an absolute path (restarts from another directory still match); a hub id as is."""
-    if path_or_id is None:
-        return None
-    p = Path(path_or_id).expanduser()
-    return str(p.resolve()) if p.exists() else path_or_id
-
-
-def load_model_and_tokenizer(model_dir: Path, tokenizer_dir: str | None, dtype_name: str, device_name: str):
-    from minissb.cli import torch_device, torch_dtype
-    from minissb.model import from_pretrained
-    from minissb.tokenizer import Tokenizer
-
-    dtype, device = torch_dtype(dtype_name), torch_device(device_name)
-    tokenizer = Tokenizer.from_dir(tokenizer_dir or model_dir)
-    model = from_pretrained(model_dir, dtype=dtype, device=device)
-    return model, tokenizer
-
-
 def stage1_max_len(tokenizer, problems: Sequence[Problem], opts: Stage1Options) -> int:
     """Engine positions per slot: the longest student prompt + its cap, or the longest hinted
     prompt (two attempts of at most max_new_tokens each, re-tokenised: 64 tokens of slack
@@ -558,61 +446,7 @@ def stage1_max_len(tokenizer, problems: Sequence[Problem], opts: Stage1Options) 
     return max(student + opts.max_new_tokens, teacher + 2 * (opts.max_new_tokens + 64) + opts.teacher_max_new_tokens)
 
 
-def sample_main(args) -> int:
-    """sample.py after argument parsing: check everything, load, then stream stage 1 through the engine."""
-    from minissb.cli import check_output_dir, resolve_dtype_name, torch_device
-    from minissb.data import data_file, file_sha256, load_problems
-    from minissb.engine import Engine
-    from minissb.model import resolve_model_dir
-
-    files = RunFiles(Path(args.out))
-    check_output_dir(files.pairs.parent)  # a file where the folder belongs, or read-only: fail before loading
-    for path in (files.pairs, files.skipped, files.summary):
-        if path.is_dir():
-            raise SSBError(f"--out: {path} is a directory; pass the path of the pairs file (e.g. {path}/pairs.jsonl)")
-    opts = Stage1Options(
-        num_rollouts=args.num_rollouts, rollout_temperature=args.rollout_temperature, top_k=args.top_k or None,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, teacher_temperature=args.teacher_temperature,
-        max_new_tokens=args.max_new_tokens, teacher_max_new_tokens=args.max_new_tokens if args.teacher_max_new_tokens is None else args.teacher_max_new_tokens,
-        hint_order=args.hint_order, hint_gold=args.hint_gold, copy_threshold=args.copy_threshold, seed=args.seed,
-        capture_targets=not args.no_targets, targets_dtype="bfloat16" if args.targets_bf16 else None,
-        answer_rule=args.answer_rule, gates=not args.no_gates,
-        system_prompt=prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None,
-        teacher_template=prompts.read_prompt_file(args.teacher_prompt_file, teacher=True) if args.teacher_prompt_file else None,
-        num_pairs=args.num_pairs, batch_size=args.batch_size, keep_rollouts=args.keep_rollouts,
-    )
-    opts.validate()
-    # Everything that can fail on bad input is checked before the first byte is written.
-    model_dir = resolve_model_dir(args.model)
-    model_name = _identity(args.model)
-    device = torch_device(args.device)
-    dtype_name = resolve_dtype_name(args.dtype, device)
-    problems = load_problems(args.dataset, split=args.split, source=args.data, limit=args.limit)
-    digest = file_sha256(data_file(args.dataset, args.split, args.data))
-    config = run_config(opts, model_name, dtype_name, args.dataset, args.split, _identity(args.data), digest)
-    new_run = check_run_config(files, config)
-    pairs, _ = read_done(files)  # a damaged output file fails now, not after the model is loaded
-
-    model, tokenizer = load_model_and_tokenizer(model_dir, args.tokenizer, dtype_name, str(device))
-    engine = Engine(model, opts.batch_size, stage1_max_len(tokenizer, problems, opts), stop_ids=tokenizer.stop_ids,
-                    cuda_graphs=args.cuda_graphs)  # a KV cache that cannot fit fails here, before any write
-    if new_run:
-        write_json_atomic(files.run_config, config)
-    targets = None
-    if opts.capture_targets:
-        targets = CapturedTargets(files.targets)
-        stored = getattr(torch, opts.targets_dtype) if opts.targets_dtype else model.dtype
-        targets.open_for_writing(model_name, model.dtype, stored, model.config.hidden_size, [r["id"] for r in pairs])
-    print(f"stage 1: {len(problems)} problems from {args.dataset}/{args.split}, model {args.model} ({dtype_name} on {model.device}), "
-          f"{opts.batch_size} engine slots of {engine.max_len} positions", file=sys.stderr)
-    summary = run_stage1(problems, tokenizer, engine, files, opts, model_name, targets, progress=not args.no_progress)
-    print(format_summary(summary))
-    print(f"wrote {files.pairs}, {files.skipped.name}, {files.summary.name}" + (f", {files.targets.name}/" if targets else ""))
-    return 0
-
-
 __all__ = [
-    "SSBError",
     "Stage1Options",
     "Selection",
     "RunFiles",
@@ -620,10 +454,10 @@ __all__ = [
     "select_pair",
     "judge_teacher",
     "build_teacher_chat",
-    "check_run_config",
-    "run_stage1",
     "run_config",
-    "problem_seed",
     "format_summary",
-    "sample_main",
+    "Stage1",
+    "RunStats",
+    "read_done",
+    "stage1_max_len",
 ]

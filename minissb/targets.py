@@ -34,14 +34,10 @@ from pathlib import Path
 
 import torch
 
-from minissb.data import atomic_write, remove_temp_files, write_json_atomic
+from minissb.runs import atomic_write, remove_temp_files, write_json_atomic
 
 FORMAT = "minissb-captured-hidden-v1"
 FLOAT32_LOGIT_BYTES = 4  # what the original SSB code stores per vocabulary entry and token (.npz, float32)
-
-
-class TargetsError(ValueError):
-    """Captured targets cannot be written or read; the message says what to fix."""
 
 
 def targets_dir_for(pairs_path: str | os.PathLike) -> Path:
@@ -85,7 +81,7 @@ class CapturedTargets:
             stored = self.read_meta()
             if stored != meta:
                 diff = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in meta.items() if stored.get(k) != v)
-                raise TargetsError(f"{self.dir} holds targets captured with other settings ({diff}): pass a new --out")
+                raise ValueError(f"{self.dir} holds targets captured with other settings ({diff}): pass a new --out")
         else:
             write_json_atomic(self.meta_path, meta)
         remove_temp_files(self.dir)
@@ -110,9 +106,9 @@ class CapturedTargets:
         try:
             return json.loads(self.meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise TargetsError(f"{self.dir} has no meta.json: not a folder of captured targets") from None
+            raise ValueError(f"{self.dir} has no meta.json: not a folder of captured targets") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TargetsError(f"{self.meta_path}: not valid JSON ({e})") from None
+            raise ValueError(f"{self.meta_path}: not valid JSON ({e})") from None
 
     def has(self, pair_id: str) -> bool:
         return (self.dir / _file_name(pair_id)).is_file()
@@ -126,11 +122,11 @@ class CapturedTargets:
             with safe_open(str(path), framework="pt") as f:
                 meta, hidden = f.metadata() or {}, f.get_tensor("hidden")
         except (SafetensorError, OSError) as e:
-            raise TargetsError(f"{path}: cannot read the targets of pair {pair_id} ({e}): rerun sample.py to capture them again") from None
+            raise ValueError(f"{path}: cannot read the targets of pair {pair_id} ({e}): rerun sample.py to capture them again") from None
         if meta.get("id") != pair_id or meta.get("solution_sha256") != solution_sha256(solution_ids):
-            raise TargetsError(f"{path}: captured for another solution than pair {pair_id}'s: the targets do not belong to this pairs file")
+            raise ValueError(f"{path}: captured for another solution than pair {pair_id}'s: the targets do not belong to this pairs file")
         if hidden.shape[0] != len(solution_ids) + 1:
-            raise TargetsError(f"{path}: {hidden.shape[0]} rows, pair {pair_id} needs {len(solution_ids) + 1} (S+1)")
+            raise ValueError(f"{path}: {hidden.shape[0]} rows, pair {pair_id} needs {len(solution_ids) + 1} (S+1)")
         return hidden
 
     def bytes_per_token(self) -> tuple[int, int, float]:
@@ -145,4 +141,4 @@ class CapturedTargets:
         return total, rows, (total / rows if rows else 0.0)
 
 
-__all__ = ["CapturedTargets", "TargetsError", "targets_dir_for", "solution_sha256", "dtype_name", "FLOAT32_LOGIT_BYTES"]
+__all__ = ["CapturedTargets", "targets_dir_for", "solution_sha256", "dtype_name", "FLOAT32_LOGIT_BYTES"]

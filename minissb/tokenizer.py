@@ -21,10 +21,6 @@ from pathlib import Path
 import tokenizers
 
 
-class TokenizerError(ValueError):
-    """A tokenizer could not be loaded or a chat could not be rendered; the message says what to fix."""
-
-
 # What the official Qwen2.5 template inserts when a chat has no system message.
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -55,16 +51,16 @@ def render_chatml(messages: list[dict], add_generation_prompt: bool = False, def
     rendered as an ordinary turn, as the official template does.
     """
     if not messages:
-        raise TokenizerError("cannot render an empty chat: give at least one message")
+        raise ValueError("cannot render an empty chat: give at least one message")
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in CHAT_ROLES:
             what = f"role {role!r}" if isinstance(m, dict) else f"a {type(m).__name__}"
-            raise TokenizerError(f"message {i} has {what}: only system/user/assistant dicts are supported (no tools)")
+            raise ValueError(f"message {i} has {what}: only system/user/assistant dicts are supported (no tools)")
         if m.get("tool_calls"):
-            raise TokenizerError(f"message {i} has tool_calls: tool use is not supported by minissb's chat template")
+            raise ValueError(f"message {i} has tool_calls: tool use is not supported by minissb's chat template")
         if not isinstance(m.get("content"), str):
-            raise TokenizerError(f"message {i} ({role}) needs a string 'content', got {type(m.get('content')).__name__}")
+            raise ValueError(f"message {i} ({role}) needs a string 'content', got {type(m.get('content')).__name__}")
 
     if messages[0]["role"] == "system":
         parts = [f"{IM_START}system\n{messages[0]['content']}{IM_END}\n"]
@@ -83,40 +79,39 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, source: str = "tokenizer"):
         self.backend = backend
-        self.config = config or {}
-        self.endoftext_id = self._special_id(ENDOFTEXT, source)
-        self.im_start_id = self._special_id(IM_START, source)
+        config = config or {}
+        endoftext_id = self._special_id(ENDOFTEXT, source)
         self.im_end_id = self._special_id(IM_END, source)
-        # tokenizer_config.json names the pad/eos tokens; Qwen2.5 pads with <|endoftext|>.
-        self.pad_id = self._special_id(_token_name(self.config.get("pad_token")) or ENDOFTEXT, source)
-        self.eos_id = self._special_id(_token_name(self.config.get("eos_token")) or IM_END, source)
+        self._special_id(IM_START, source)  # the chat format needs it as one token
+        # tokenizer_config.json names the pad token; Qwen2.5 pads with <|endoftext|>.
+        self.pad_id = self._special_id(_token_name(config.get("pad_token")) or ENDOFTEXT, source)
         # Generation ends at the end of the assistant turn, or at end of text for base models.
-        self.stop_ids = [self.im_end_id, self.endoftext_id]
-        self.default_system = default_system_from_template(self.config.get("chat_template"))
+        self.stop_ids = [self.im_end_id, endoftext_id]
+        self.default_system = default_system_from_template(config.get("chat_template"))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         path = Path(path).expanduser()
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
-            raise TokenizerError(f"{path} has no tokenizer.json (need a Hugging Face tokenizer directory)")
+            raise ValueError(f"{path} has no tokenizer.json (need a Hugging Face tokenizer directory)")
         try:
             backend = tokenizers.Tokenizer.from_file(str(tok_file))
         except Exception as e:  # the Rust error can be long: keep its first line
-            raise TokenizerError(f"{tok_file}: cannot be read by tokenizers: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise ValueError(f"{tok_file}: cannot be read by tokenizers: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         config = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.is_file():
             try:
                 config = json.loads(cfg_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_file}: not valid JSON ({e})") from None
+                raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
         return cls(backend, config, source=str(tok_file))
 
     def _special_id(self, token: str, source: str) -> int:
         tid = self.backend.token_to_id(token)
         if tid is None:
-            raise TokenizerError(f"{source} has no {token} token: is it a Qwen2.5 tokenizer?")
+            raise ValueError(f"{source} has no {token} token: is it a Qwen2.5 tokenizer?")
         return tid
 
     @property
@@ -135,28 +130,15 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of a list of ids (or a 1-D tensor/array)."""
-        return self.backend.decode(_int_list(ids), skip_special_tokens=skip_special_tokens)
-
-    def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
-        return self.backend.decode_batch([_int_list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: list[int]) -> str:
+        """The text of a list of ids, special tokens included."""
+        return self.backend.decode(ids, skip_special_tokens=False)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return render_chatml(messages, add_generation_prompt, self.default_system)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
-def _int_list(ids) -> list[int]:
-    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
 
 
 def _token_name(tok) -> str | None:
@@ -166,4 +148,4 @@ def _token_name(tok) -> str | None:
     return tok
 
 
-__all__ = ["Tokenizer", "TokenizerError", "render_chatml", "default_system_from_template", "QWEN_DEFAULT_SYSTEM"]
+__all__ = ["Tokenizer", "render_chatml", "default_system_from_template", "QWEN_DEFAULT_SYSTEM"]

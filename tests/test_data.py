@@ -11,16 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minissb.data import (
-    DATASETS,
-    DataError,
+from minissb.data import DATASETS, Problem, data_file, load_problems
+from minissb.runs import (
     PartialLineWarning,
-    Problem,
     append_jsonl,
     atomic_write,
-    data_file,
     file_sha256,
-    load_problems,
     read_jsonl,
     remove_temp_files,
     write_json_atomic,
@@ -116,11 +112,11 @@ def test_hub_errors_are_one_line(monkeypatch, tmp_path):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(ValueError) as e:
         load_problems("math500")
     assert "could not download test.jsonl of dataset HuggingFaceH4/MATH-500" in one_line(e)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path))
-    with pytest.raises(DataError, match="has no file test.jsonl"):
+    with pytest.raises(ValueError, match="has no file test.jsonl"):
         load_problems("math500")
 
 
@@ -163,35 +159,35 @@ def test_problems_round_trip_through_jsonl(tmp_path, data_dir):
 
 
 def test_unknown_dataset_lists_the_valid_ones():
-    with pytest.raises(DataError) as e:
+    with pytest.raises(ValueError) as e:
         load_problems("gsm8kk")
     assert one_line(e) == "unknown dataset 'gsm8kk': choose one of gsm8k, math500, aime24"
 
 
 def test_unknown_split(data_dir):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(ValueError) as e:
         load_problems("gsm8k", "validation", source=data_dir)
     assert one_line(e) == "gsm8k has no split 'validation': choose one of train, test"
-    with pytest.raises(DataError, match="aime24 has no split 'test': choose one of train"):
+    with pytest.raises(ValueError, match="aime24 has no split 'test': choose one of train"):
         load_problems("aime24", "test", source=data_dir)
 
 
 def test_missing_source_and_not_a_mirror(tmp_path):
-    with pytest.raises(DataError, match="does not exist") as e:
+    with pytest.raises(ValueError, match="does not exist") as e:
         load_problems("gsm8k", source=tmp_path / "nope")
     one_line(e)
-    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet not found: .* is not a local mirror of openai/gsm8k"):
+    with pytest.raises(ValueError, match=r"test-00000-of-00001.parquet not found: .* is not a local mirror of openai/gsm8k"):
         load_problems("gsm8k", source=tmp_path)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         read_jsonl(tmp_path / "missing.jsonl")
 
 
 def test_unsupported_and_corrupt_files(tmp_path):
     (tmp_path / "a.csv").write_text("question,answer\n")
-    with pytest.raises(DataError, match=r"unsupported file type \.csv; use \.jsonl or \.parquet"):
+    with pytest.raises(ValueError, match=r"unsupported file type \.csv; use \.jsonl or \.parquet"):
         load_problems("gsm8k", source=tmp_path / "a.csv")
     (tmp_path / "b.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match="not a readable parquet file") as e:
+    with pytest.raises(ValueError, match="not a readable parquet file") as e:
         load_problems("aime24", source=tmp_path / "b.parquet")
     one_line(e)
 
@@ -208,33 +204,33 @@ def test_unsupported_and_corrupt_files(tmp_path):
 )
 def test_missing_or_empty_fields(tmp_path, row, match):
     write_jsonl_atomic(tmp_path / "r.jsonl", [row])
-    with pytest.raises(DataError, match=match) as e:
+    with pytest.raises(ValueError, match=match) as e:
         load_problems("math500", source=tmp_path / "r.jsonl")
     one_line(e)
 
 
 def test_gsm8k_solution_without_final_answer_line(tmp_path):
     write_jsonl_atomic(tmp_path / "g.jsonl", [{"question": "q", "answer": "step 1\nstep 2"}])
-    with pytest.raises(DataError, match=r"row 0: the gsm8k answer has several lines but no '#### <final answer>' line"):
+    with pytest.raises(ValueError, match=r"row 0: the gsm8k answer has several lines but no '#### <final answer>' line"):
         load_problems("gsm8k", source=tmp_path / "g.jsonl")
 
 
 def test_negative_limit():
-    with pytest.raises(DataError, match="limit must be >= 0"):
+    with pytest.raises(ValueError, match="limit must be >= 0"):
         load_problems("gsm8k", limit=-1)
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2,,}\n{"a": 3}\n')
-    with pytest.raises(DataError) as e:
+    with pytest.raises(ValueError) as e:
         read_jsonl(path)
     assert one_line(e).startswith(f"{path}:3: malformed JSON")
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object, got list"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object, got list"):
         read_jsonl(path)
     path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8 text \(byte 8 of the line\)"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 8 of the line\)"):
         load_problems("gsm8k", source=path)
 
 
@@ -245,7 +241,7 @@ def test_an_input_file_with_a_bad_last_line_is_an_error_not_a_repair(tmp_path, t
     path.write_bytes(b'{"question": "q1", "answer": "2"}\n' + tail)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(DataError, match=r"in\.jsonl:2: (malformed JSON|not UTF-8)") as e:
+        with pytest.raises(ValueError, match=r"in\.jsonl:2: (malformed JSON|not UTF-8)") as e:
             load_problems("gsm8k", source=path)
     one_line(e)
     with pytest.warns(PartialLineWarning):  # the same bytes as one of minissb's own outputs: repaired
@@ -256,7 +252,7 @@ def test_an_input_file_with_a_bad_last_line_is_an_error_not_a_repair(tmp_path, t
 def test_an_answer_that_is_not_text_or_a_number_is_refused(tmp_path, answer, kind):
     path = tmp_path / "in.jsonl"
     write_jsonl_atomic(path, [{"question": "q", "answer": "1"}, {"question": "q", "answer": answer}])
-    with pytest.raises(DataError, match=rf"in\.jsonl: row 1: 'answer' is a {kind}, expected the answer as text or a number") as e:
+    with pytest.raises(ValueError, match=rf"in\.jsonl: row 1: 'answer' is a {kind}, expected the answer as text or a number") as e:
         load_problems("math500", source=path)
     one_line(e)
     write_jsonl_atomic(path, [{"question": "q", "answer": 42}, {"question": "q", "answer": 2.5}])

@@ -4,7 +4,6 @@ Everything runs on the tiny random Qwen2 (2 layers, hidden 64) on the CPU, in fl
 """
 
 import json
-import math
 import re
 import shutil
 import sys
@@ -17,20 +16,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import minissb.distill as distill
+import minissb.training as training
 from minissb.distill import (
     NonFiniteLossError,
     TrainConfig,
-    TrainError,
     build_examples,
     collate,
-    enable_gradient_checkpointing,
     epoch_order,
     load_pairs,
-    lr_at,
     micro_batch_loss,
-    train,
-    TIMING_FIELDS,
 )
+from minissb.training import TIMING_FIELDS, enable_gradient_checkpointing, lr_at
+from train import train
 from minissb.lora import adapters_disabled, apply_lora, lora_modules, lora_parameters
 from minissb.model import from_pretrained, init_weights, save_pretrained
 from minissb.prompts import SYSTEM_PROMPT, student_chat
@@ -158,7 +155,7 @@ def test_too_long_pairs_error_or_truncate(pairs_file, tok, sharp_model_dir):
     full = examples_for(pairs_file, tok, model)
     longest_prompt = max(len(ex.teacher_ids) - ex.n for ex in full)
     limit = longest_prompt + 5
-    with pytest.raises(TrainError, match=rf"pairs\.jsonl:\d \(id gsm8k/train/\d\): the teacher .*--max-seq-len {limit}.*--truncate"):
+    with pytest.raises(ValueError, match=rf"pairs\.jsonl:\d \(id gsm8k/train/\d\): the teacher .*--max-seq-len {limit}.*--truncate"):
         examples_for(pairs_file, tok, model, max_seq_len=limit)
     cut = examples_for(pairs_file, tok, model, max_seq_len=limit, truncate=True)
     for ex, ref in zip(cut, full):
@@ -166,7 +163,7 @@ def test_too_long_pairs_error_or_truncate(pairs_file, tok, sharp_model_dir):
         assert ex.labels == ref.labels[: ex.n] and ex.truncated == (ex.n < ref.n)
         assert len(ex.student_ids) - ex.student_start == len(ex.teacher_ids) - ex.teacher_start  # still aligned
     assert sum(ex.truncated for ex in cut) >= 1
-    with pytest.raises(TrainError, match="prompt alone"):
+    with pytest.raises(ValueError, match="prompt alone"):
         examples_for(pairs_file, tok, model, max_seq_len=10, truncate=True)
 
 
@@ -249,7 +246,7 @@ def test_training_with_captured_targets_follows_the_online_curve(tmp_path, pairs
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     missing = tmp_path / "other.jsonl"
     shutil.copy(pairs_file, missing)
-    with pytest.raises(TrainError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         train(config(missing, tmp_path / "c", sharp_model_dir, teacher="captured"))
 
 
@@ -286,7 +283,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pairs_file, sharp_model_d
     # A kill after step 4 was logged but before its checkpoint: the newest checkpoint is step 2.
     shutil.rmtree(run / "checkpoints" / "step-000004")
     before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
-    with pytest.raises(TrainError, match="other settings \\(--lr: 0.01 there, 0.02 now\\)"):
+    with pytest.raises(ValueError, match="other settings \\(--lr: 0.01 there, 0.02 now\\)"):
         train(config(pairs_file, run, sharp_model_dir, **{**kw, "lr": 2e-2}))  # would mix two runs
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before  # refused before writing
     train(config(pairs_file, run, sharp_model_dir, **kw))  # the same command again continues from step 2
@@ -306,7 +303,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pairs_file, sharp_model_d
     assert [d.name for d in sorted((run / "checkpoints").iterdir())] == ["step-000004", "step-000006"]
     changed = tmp_path / "changed.jsonl"
     changed.write_text("\n".join(pairs_file.read_text().splitlines()[:4]) + "\n")
-    with pytest.raises(TrainError, match="pairs file changed"):
+    with pytest.raises(ValueError, match="pairs file changed"):
         train(config(changed, run, sharp_model_dir, resume=True, **kw))
 
 
@@ -346,10 +343,10 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_when_rerun(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A finished run is something to lose: other settings are refused, and nothing is written.
     before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
-    with pytest.raises(TrainError, match=r"holds a training run with other settings \(--epochs: 2 there, 3 now\)"):
+    with pytest.raises(ValueError, match=r"holds a training run with other settings \(--epochs: 2 there, 3 now\)"):
         train(config(pairs_file, run, sharp_model_dir, **{**kw, "epochs": 3}))
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
-    with pytest.raises(TrainError, match=r"--resume: .* holds no training run to continue"):
+    with pytest.raises(ValueError, match=r"--resume: .* holds no training run to continue"):
         train(config(pairs_file, tmp_path / "nothing", sharp_model_dir, resume=True))
 
 
@@ -372,18 +369,18 @@ def test_disk_full_while_checkpointing_names_the_file_and_loses_nothing(tmp_path
     kw = dict(save_every=1, max_steps=3)
     train(config(pairs_file, run, sharp_model_dir, stop_after_steps=1, **kw))
     before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != "metrics.jsonl"}
-    real_write = distill._torch_save
+    real_write = training._torch_save
 
     def full(obj, path):  # torch.save's own report of ENOSPC is an opaque RuntimeError: check ours is an OSError
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(distill, "_torch_save", full)
+    monkeypatch.setattr(training, "_torch_save", full)
     with pytest.raises(OSError) as e:
         train(config(pairs_file, run, sharp_model_dir, **kw))
     assert e.value.errno == 28 and e.value.filename.endswith("state.pt")
-    monkeypatch.setattr(distill, "_torch_save", real_write)
+    monkeypatch.setattr(training, "_torch_save", real_write)
     kept = {f: f.read_bytes() for f in run.rglob("*") if f in before}
     assert kept.keys() == before.keys() and all(kept[f] == before[f] for f in before if f.name != "run.json")
     train(config(pairs_file, run, sharp_model_dir, **kw))  # rerun: continues from step 1, cleans the half checkpoint
@@ -415,7 +412,7 @@ def test_torch_save_reports_a_failed_write_as_the_oserror(tmp_path, monkeypatch)
     target = tmp_path / "state.pt"
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: Full(real_open(path, *a, **k)) if str(path) == str(target) else real_open(path, *a, **k))
     with pytest.raises(OSError) as e:
-        distill._torch_save({"a": torch.zeros(1000)}, target)
+        training._torch_save({"a": torch.zeros(1000)}, target)
     assert e.value.errno == 28 and e.value.filename == str(target)
 
 
@@ -431,7 +428,7 @@ def test_torch_save_reports_a_failed_write_as_the_oserror(tmp_path, monkeypatch)
     ("lora_dropout", 1.0, "--lora-dropout must be a finite number >= 0 and < 1"),
 ])
 def test_bad_numbers_are_refused_before_anything_loads(tmp_path, pairs_file, field, value, message):
-    with pytest.raises(TrainError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         train(config(pairs_file, tmp_path / "run", tmp_path / "no_model_needed", **{field: value}))
     assert not (tmp_path / "run").exists()
 
@@ -439,7 +436,7 @@ def test_bad_numbers_are_refused_before_anything_loads(tmp_path, pairs_file, fie
 def test_a_pairs_file_with_bad_utf8_names_the_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(VALID.encode() + b"\n" + VALID.replace('"v"', '"w\xff"').encode("latin-1") + b"\n")
-    with pytest.raises(TrainError, match=r"pairs\.jsonl:2: not UTF-8 text \(byte \d+ of the line\)"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: not UTF-8 text \(byte \d+ of the line\)"):
         load_pairs(path)
 
 
@@ -476,7 +473,7 @@ VALID = json.dumps({"id": "v", "student_chat": student_chat("q"), "teacher_chat"
 def test_bad_pairs_files_name_the_problem(tmp_path, content, message):
     path = tmp_path / "pairs.jsonl"
     path.write_text(content)
-    with pytest.raises(TrainError, match=message):
+    with pytest.raises(ValueError, match=message):
         load_pairs(path)
 
 
@@ -484,13 +481,13 @@ def test_duplicate_ids_and_out_of_vocab_tokens(tmp_path, pairs_file, tok, sharp_
     lines = pairs_file.read_text().splitlines()
     dup = tmp_path / "dup.jsonl"
     dup.write_text("\n".join([lines[0], lines[1], lines[0]]) + "\n")
-    with pytest.raises(TrainError, match=r"dup\.jsonl:3 \(id gsm8k/train/0\): duplicate id, first seen on line 1"):
+    with pytest.raises(ValueError, match=r"dup\.jsonl:3 \(id gsm8k/train/0\): duplicate id, first seen on line 1"):
         load_pairs(dup)
     rec = json.loads(lines[1])
     rec["solution_ids"] = [5, 100_000]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
-    with pytest.raises(TrainError, match=r"bad\.jsonl:2 .*token id 100000, outside the model's vocabulary of 512"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2 .*token id 100000, outside the model's vocabulary of 512"):
         train(config(bad, tmp_path / "run", sharp_model_dir))
 
 
@@ -529,12 +526,12 @@ def test_bf16_base_model_with_float32_adapter(tmp_path, pairs_file, sharp_model_
 
 def test_plot_needs_matplotlib_and_says_so(tmp_path, pairs_file, sharp_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    with pytest.raises(TrainError, match=r"pip install 'minissb\[plot\]'"):
+    with pytest.raises(ValueError, match=r"pip install 'minissb\[plot\]'"):
         train(config(pairs_file, tmp_path / "run", sharp_model_dir, plot=True))  # before any training
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    with pytest.raises(TrainError, match="needs matplotlib"):
-        distill.plot_metrics(tmp_path / "m.jsonl", tmp_path / "m.png")
+    with pytest.raises(ValueError, match="needs matplotlib"):
+        training.plot_metrics(tmp_path / "m.jsonl", tmp_path / "m.png")
 
 
 def test_flat_student_input_is_the_originals(pairs_file, tok, sharp_model_dir):
@@ -550,7 +547,7 @@ def test_flat_student_input_is_the_originals(pairs_file, tok, sharp_model_dir):
 
 def test_linear_schedule_equals_transformers():
     transformers = pytest.importorskip("transformers")
-    from minissb.distill import lr_at
+    from minissb.training import lr_at
 
     for total, warmup in ((192, 0), (30, 3)):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)

@@ -13,7 +13,6 @@ import torch
 from minissb.engine import (
     Completion,
     Engine,
-    GenerationError,
     Request,
     apply_repetition_penalty,
     sample_tokens,
@@ -21,7 +20,7 @@ from minissb.engine import (
     top_p_mask,
     uniforms,
 )
-from minissb.generate import generate
+from minissb.generate import generate, prompt_seed
 from minissb.model import Qwen2Config, Qwen2ForCausalLM, init_weights, save_pretrained
 
 VOCAB = 256
@@ -80,14 +79,19 @@ def run_engine(model, requests, num_slots, max_len=64, stops=STOPS, **kwargs):
     return {o.request.tag: [(c.token_ids, c.finish_reason, c.stop_id) for c in o.completions] for o in engine.run(requests)}
 
 
+def sampled(model, prompts, num_slots, seed, max_new_tokens, stops=STOPS, **request):
+    """generate()'s requests (prompt i seeded with prompt_seed(seed, i)) through a pool of num_slots: all completions."""
+    requests = [Request(p, max_new_tokens, seed=prompt_seed(seed, i), **request) for i, p in enumerate(prompts)]
+    return [c for o in Engine(model, num_slots, 64, stop_ids=stops).run(requests) for c in o.completions]
+
+
 # ----------------------------------------------------------------------------- against references
 
 
 def test_cached_decoding_matches_full_forward(model):
     # Sampled rows of ragged prompts, K samples sharing a prefill, a pool too small for all:
     # each token's log-prob must be that of a plain forward over prompt + tokens so far.
-    outs = generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, num_samples=2, stop_ids=STOPS,
-                    seed=0, return_logprobs=True, num_slots=3)
+    outs = sampled(model, PROMPTS, 3, 0, 16, num_samples=2, temperature=1.0, return_logprobs=True)
     assert {c.finish_reason for c in outs} == {"stop", "length"}
     for c in outs:
         generated = c.token_ids + ([c.stop_id] if c.finish_reason == "stop" else [])
@@ -99,8 +103,7 @@ def test_cached_decoding_matches_full_forward(model):
 
 
 def test_hidden_states_equal_a_full_forward(model):
-    outs = generate(model, PROMPTS, max_new_tokens=20, temperature=1.0, num_samples=2, stop_ids=STOPS,
-                    seed=3, return_hidden=True, num_slots=4)
+    outs = sampled(model, PROMPTS, 4, 3, 20, num_samples=2, temperature=1.0, return_hidden=True)
     assert {c.finish_reason for c in outs} == {"stop", "length"}
     for c in outs:
         P = len(PROMPTS[c.prompt_index])
@@ -131,12 +134,13 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     transformers = pytest.importorskip("transformers")
     save_pretrained(model, tmp_path)
     hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ours = generate(model, PROMPTS, max_new_tokens=20, num_slots=2)
+    ours = generate(model, PROMPTS, max_new_tokens=20)  # a pool of 4
+    pool_of_2 = run_engine(model, [Request(p, 20, tag=i) for i, p in enumerate(PROMPTS)], 2, stops=())
     for i, p in enumerate(PROMPTS):
         ids = torch.tensor([p])
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
                           pad_token_id=0, eos_token_id=None)
-        assert ours[i].token_ids == ref[0, len(p):].tolist()
+        assert ours[i].token_ids == pool_of_2[i][0][0] == ref[0, len(p):].tolist()
 
 
 def test_repetition_penalty_equals_transformers_processor():
@@ -204,10 +208,11 @@ def test_requests_added_while_others_decode_change_nothing(model):
 
 
 def test_same_seed_same_samples_other_seed_other_samples(model):
-    kwargs = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, num_samples=2)
-    a = generate(model, PROMPTS, seed=11, **kwargs)
-    b = generate(model, PROMPTS, seed=11, num_slots=3, **kwargs)
-    d = generate(model, PROMPTS, seed=12, **kwargs)
+    kwargs = dict(temperature=1.0, top_p=0.9, num_samples=2)
+    a = generate(model, PROMPTS, max_new_tokens=12, seed=11, **kwargs)
+    d = generate(model, PROMPTS, max_new_tokens=12, seed=12, **kwargs)
+    # generate() is one request per prompt seeded with prompt_seed: a pool of 3 samples the same
+    b = sorted(sampled(model, PROMPTS, 3, 11, 12, stops=(), **kwargs), key=lambda c: (c.prompt_index, c.sample_index))
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in d]
     assert len({tuple(c.token_ids) for c in a[:2]}) > 1  # the K samples of a prompt do differ
@@ -330,8 +335,7 @@ def test_text_and_default_stop_ids_come_from_the_tokenizer(tiny_model_dir):
 
 def test_bfloat16_on_cpu_runs(model):
     bf16 = init_weights(Qwen2ForCausalLM(Qwen2Config(**CFG)), std=0.3, seed=0).to(torch.bfloat16).eval()
-    outs = generate(bf16, PROMPTS, max_new_tokens=10, temperature=0.8, top_k=20, num_samples=2, stop_ids=STOPS,
-                    seed=0, return_logprobs=True, return_hidden=True, num_slots=3)
+    outs = sampled(bf16, PROMPTS, 3, 0, 10, num_samples=2, temperature=0.8, top_k=20, return_logprobs=True, return_hidden=True)
     assert len(outs) == 8 and all(isinstance(c, Completion) for c in outs)
     for c in outs:
         assert all(0 <= t < VOCAB for t in c.token_ids) and all(t not in STOPS for t in c.token_ids)
@@ -352,20 +356,23 @@ def test_bfloat16_on_cpu_runs(model):
         (dict(temperature=float("nan")), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_k=0), "top_k"),
-        (dict(num_samples=0), "num_samples"),
-        (dict(repetition_penalty=0.0), "repetition_penalty"),
     ],
 )
 def test_bad_arguments_raise_a_clear_error(model, kwargs, match):
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
     args.update(kwargs)
-    with pytest.raises(GenerationError, match=match):
+    with pytest.raises(ValueError, match=match):
         generate(model, args.pop("prompts"), **args)
+
+
+def test_num_samples_below_one_is_a_programming_mistake(model):
+    with pytest.raises(AssertionError, match="num_samples"):
+        generate(model, [[1, 2, 3]], max_new_tokens=4, num_samples=0)
 
 
 def test_engine_refuses_what_does_not_fit(model):
     engine = Engine(model, 2, 16)
-    with pytest.raises(GenerationError, match="max_len 16"):
+    with pytest.raises(ValueError, match="max_len 16"):
         engine.add(Request([1] * 10, max_new_tokens=7))
-    with pytest.raises(GenerationError, match=r"num_samples must be in \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"num_samples must be in \[1, 2\]"):
         engine.add(Request([1], max_new_tokens=4, num_samples=3))

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import pytest
 
 from minissb import prompts
-from minissb.data import DataError, PartialLineWarning, Problem
+from minissb.data import Problem
+from minissb.runs import check_run_config
+from minissb.runs import PartialLineWarning
 from minissb.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
-    EvalError,
     EvalTarget,
     add_deltas,
-    check_run_config,
     evaluate_dataset,
     format_table,
     load_eval_problems,
@@ -88,7 +88,7 @@ def test_wilson_of_no_trials_is_uninformative_and_narrows_with_n():
     ],
 )
 def test_majority_vote_and_its_tie_rule(keys, winner):
-    assert majority_vote(keys) == winner
+    assert majority_vote(keys, "gsm8k") == winner
 
 
 def test_score_responses_groups_equivalent_answers():
@@ -174,7 +174,7 @@ def test_targets_labels(tmp_path):
     assert [t.label for t in targets] == ["base", "a-adapter", "b-adapter", "mine"]
     assert targets[0].adapter is None and targets[3].adapter == tmp_path / "ssb"
     assert [t.label for t in make_targets([str(tmp_path / "ssb")], include_base=False)] == ["ssb"]
-    with pytest.raises(EvalError, match="--no-base needs at least one --adapter"):
+    with pytest.raises(ValueError, match="--no-base needs at least one --adapter"):
         make_targets([], include_base=False)
 
 
@@ -182,16 +182,16 @@ def test_run_config_mismatch_refuses(tmp_path):
     gen = {"samples": 1, "temperature": 0.0, "top_k": None, "top_p": None, "max_new_tokens": 64, "seed": 0}
     cfg = run_config("m", EvalTarget("base"), "gsm8k", None, "bf16", gen)
     responses, cfg_path = tmp_path / "base__gsm8k.jsonl", tmp_path / "base__gsm8k.run.json"
-    check_run_config(responses, cfg_path, cfg)  # new run: fine
+    check_run_config(cfg_path, cfg, [responses])  # new run: fine
     cfg_path.write_text(json.dumps(cfg))
-    check_run_config(responses, cfg_path, cfg)  # same arguments: fine
+    check_run_config(cfg_path, cfg, [responses])  # same arguments: fine
     other = run_config("m", EvalTarget("base"), "gsm8k", None, "bf16", dict(gen, max_new_tokens=128))
-    with pytest.raises(EvalError, match="max_new_tokens: 64 there, 128 now"):
-        check_run_config(responses, cfg_path, other)
+    with pytest.raises(ValueError, match="max_new_tokens: 64 there, 128 now"):
+        check_run_config(cfg_path, other, [responses])
     cfg_path.unlink()
     responses.write_text('{"id": "x", "responses": []}\n')
-    with pytest.raises(EvalError, match="arguments are unknown"):
-        check_run_config(responses, cfg_path, cfg)
+    with pytest.raises(ValueError, match="arguments are unknown"):
+        check_run_config(cfg_path, cfg, [responses])
 
 
 # ----------------------------------------------------------------------------- evaluate_dataset
@@ -339,11 +339,11 @@ def test_limit_and_a_per_dataset_file(data_dir, tmp_path):
 
 
 def test_dataset_errors(tmp_path):
-    with pytest.raises(EvalError, match=r"unknown dataset 'gsm9k': choose from gsm8k, math500, aime24"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'gsm9k': choose from gsm8k, math500, aime24"):
         load_eval_problems(["gsm9k"], data_dir=tmp_path)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         load_eval_problems(["math500"], data_dir=tmp_path)  # an empty folder is no mirror
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_eval_problems(["gsm8k"], data_files={"gsm8k": str(tmp_path / "nope.jsonl")})
 
 

@@ -1,4 +1,4 @@
-"""Tests for minissb.grader: extraction, equivalence rules, keys, robustness, real gold answers."""
+"""Tests for minissb.grader: extraction, equivalence rules, groups, robustness, real golds."""
 
 import json
 import random
@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 
 from minissb import grader
 from minissb.grader import (
-    GraderError,
-    answer_key,
     extract_answer,
     grade,
     group_answers,
@@ -152,7 +150,7 @@ def test_extract_joined_boxes_bounded():
     assert extract_answer(unclosed, "math500", gold="1, 2") in ("1, 2", "2")
 
 
-@pytest.mark.parametrize("fn", [extract_answer, answer_key])
+@pytest.mark.parametrize("fn", [extract_answer, lambda a, dataset: group_answers([a], dataset)])
 def test_unknown_dataset_raises_value_error_naming_valid(fn):
     with pytest.raises(ValueError, match="gsm8k, math500, aime24"):
         fn("5", "gsm8k_test")
@@ -164,7 +162,7 @@ def test_unknown_dataset_raises_for_all_entry_points():
         lambda: grade(r"\boxed{5}", "5", "aime"),
         lambda: group_answers(["5"], "MATH500"),
     ):
-        with pytest.raises(GraderError, match="unknown dataset"):
+        with pytest.raises(ValueError, match="unknown dataset"):
             call()
 
 
@@ -478,10 +476,10 @@ def test_grade_end_to_end():
     assert not grade("no answer here", "025", "aime24")
 
 
-# ----------------------------------------------------------------------------- keys and groups
+# ----------------------------------------------------------------------------- groups
 
 
-KEY_GROUPS = [
+GROUPS = [
     ("gsm8k", ["1080", "1,080", r"\$1080.00", "1080 pages", "x = 1080"], ["1081", "108"]),
     ("aime24", ["25", "025", "25.0"], ["250", "52"]),
     ("math500", [r"\frac{14}{3}", r"\dfrac{14}{3}", "14/3", r"\frac{28}{6}"], [r"\frac{3}{14}"]),
@@ -498,14 +496,13 @@ KEY_GROUPS = [
 ]
 
 
-@pytest.mark.parametrize("dataset, same, different", KEY_GROUPS)
-def test_answer_key_shared_by_equivalent_answers(dataset, same, different):
-    keys = {answer_key(a, dataset) for a in same}
-    assert len(keys) == 1, keys
+@pytest.mark.parametrize("dataset, same, different", GROUPS)
+def test_group_answers_joins_equivalent_answers(dataset, same, different):
+    groups = group_answers(same + different, dataset)
+    assert groups[0] == list(range(len(same))), groups
     for a in same[1:]:
         assert is_equivalent(a, same[0], dataset)
     for d in different:
-        assert answer_key(d, dataset) not in keys
         assert not is_equivalent(d, same[0], dataset)
 
 
@@ -516,7 +513,35 @@ def test_group_answers_finds_most_common_wrong_answer():
     wrong = [g for g in groups if not is_equivalent(answers[g[0]], "1080", "gsm8k")]
     assert max(wrong, key=len) == [2, 4, 5]
     assert group_answers([r"\frac12", "0.5", r"\dfrac{2}{4}", "2"], "math500") == [[0, 1, 2], [3]]
-    assert answer_key(None, "math500") == ""
+    assert group_answers([None, None], "math500") == []
+
+
+def test_group_answers_rules():
+    assert group_answers(["1,000", "1000.0", "$1000"], "gsm8k") == [[0, 1, 2]]
+    assert group_answers([r"\frac{1}{2}", "0.5"], "math500") == [[0, 1]]
+    # groups in order of their first member, indices ascending, None in no group
+    assert group_answers(["7", None, "5", "7.0", "5", "7"], "aime24") == [[0, 3, 5], [2, 4]]
+    # the same string is always one group, even one is_equivalent cannot read as a gold
+    assert not is_equivalent("#### 5", "#### 5", "gsm8k")
+    assert group_answers(["#### 5", "#### 5"], "gsm8k") == [[0, 1]]
+    # the first member is the gold: a factored answer joins an expanded one, not the reverse
+    assert group_answers(["x^2+x-2", "(x-1)(x+2)"], "math500") == [[0, 1]]
+    assert group_answers(["(x-1)(x+2)", "x^2+x-2"], "math500") == [[0], [1]]
+
+
+def test_group_answers_as_the_callers_use_it():
+    # SSB: the most common wrong answer, right answers masked to None; ties drawn by the caller
+    answers = ["18", "1,000", "17", "1000.0", "18.00", "$1000", "17"]
+    wrong = [None if is_equivalent(a, "18", "gsm8k") else a for a in answers]
+    groups = group_answers(wrong, "gsm8k")
+    assert groups == [[1, 3, 5], [2, 6]]
+    top = max(map(len, groups))
+    assert [g for g in groups if len(g) == top] == [[1, 3, 5]]
+    # majority vote: no answer, no vote; a tie goes to the earliest group, its first sample
+    votes = [None, "3", "4", "4.0", "3.0", None]
+    groups = group_answers(votes, "gsm8k")
+    assert groups == [[1, 4], [2, 3]]
+    assert max(groups, key=len)[0] == 1
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -571,7 +596,8 @@ def test_adversarial_inputs_return_quietly(dataset):
     golds = ["18", "025", r"\frac{\sqrt{3}}{3}", "(x+1)^{1000}", "x^2+2x+1", "10^{10^{10}}"]
     for s in ADVERSARIAL:
         assert extract_answer(s, dataset) is None or isinstance(extract_answer(s, dataset), str)
-        assert isinstance(answer_key(s, dataset), str)
+        groups = group_answers([s, "18", s], dataset)
+        assert groups[0][0] == 0 and 2 in groups[0]
         assert isinstance(grade("\\boxed{" + s + "}", s, dataset), bool)
         for g in golds:
             assert isinstance(is_equivalent(s, g, dataset), bool)
@@ -588,7 +614,7 @@ def test_adversarial_inputs_in_a_worker_thread():
         for s in ADVERSARIAL:
             for g in (r"\frac{\sqrt{3}}{3}", "(x+1)^{1000}", s):
                 is_equivalent(s, g, "math500")
-            answer_key(s, "math500")
+            group_answers([s, r"\frac{\sqrt{3}}{3}", s], "math500")
         done.append(True)
 
     t = threading.Thread(target=run, daemon=True)
@@ -614,7 +640,8 @@ def test_fuzz_never_raises(pred, gold):
         assert extracted is None or isinstance(extracted, str)
         assert isinstance(is_equivalent(pred, gold, dataset), bool)
         assert isinstance(grade(pred, gold, dataset), bool)
-        assert isinstance(answer_key(pred, dataset), str)
+        groups = group_answers([pred, gold, pred], dataset)
+        assert groups[0][0] == 0 and 2 in groups[0]
         # an answer is always equivalent to itself
         assert "####" in gold or is_equivalent(gold, gold, dataset)
 
@@ -689,20 +716,22 @@ def test_math500_gold_variants_and_perturbations():
         bad = _perturbed(gold)
         if is_equivalent(bad, gold, "math500") or is_equivalent(gold, bad, "math500"):
             failures.append(("perturbed", bad, gold))
-        if answer_key(bad, "math500") == answer_key(gold, "math500"):
-            failures.append(("key", bad, gold))
+        if group_answers([gold, bad], "math500") != [[0], [1]]:
+            failures.append(("group", bad, gold))
     assert failures == []
 
 
 @needs_data
 def test_math500_distinct_golds_are_not_equivalent():
-    # Golds of different problems, compared by value: equal only when they are the same value.
+    # Golds of different problems, compared by value: equal only when they are the same value,
+    # whichever side is the gold, and then one group.
     rows = _math500()
     rng = random.Random(0)
     pairs = [(rng.choice(rows)["answer"], rng.choice(rows)["answer"]) for _ in range(400)]
     for a, b in pairs:
-        key_same = answer_key(a, "math500") == answer_key(b, "math500")
-        assert is_equivalent(a, b, "math500") == key_same, (a, b)
+        same = is_equivalent(a, b, "math500")
+        assert same == is_equivalent(b, a, "math500") == (a == b), (a, b)
+        assert (len(group_answers([a, b], "math500")) == 1) == same, (a, b)
 
 
 @needs_data
@@ -733,4 +762,4 @@ def test_gsm8k_golds(split):
         assert grade(r["answer"], gold, "gsm8k")  # the reference solution itself (#### line)
         for bad in (str(n + 1), str(-n) if n else "1", f"{n}.5"):
             assert not is_equivalent(bad, gold, "gsm8k"), (bad, gold)
-        assert answer_key(f"{n:,}", "gsm8k") == answer_key(gold, "gsm8k")
+        assert group_answers([gold, f"{n:,}", f"{n}.00"], "gsm8k") == [[0, 1, 2]]

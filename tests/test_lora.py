@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from minissb import model as mm  # noqa: E402
 from minissb.lora import (  # noqa: E402
     DEFAULT_TARGETS,
-    LoRAError,
     LoRALinear,
     adapters_disabled,
     apply_lora,
@@ -172,7 +171,7 @@ def test_merge_unmerge(base_dir, ids):
     for n, m in lora_modules(model):
         torch.testing.assert_close(m.weight, base_weights[n] + m.delta_weight(), atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=0)  # branch not added again
-    with pytest.raises(LoRAError, match="unmerge_lora"):
+    with pytest.raises(ValueError, match="unmerge_lora"):
         with adapters_disabled(model):
             pass
     unmerge_lora(model)
@@ -211,7 +210,7 @@ def test_adapters_disabled_gives_base_logits(base_dir, ids):
         with adapters_disabled(model):
             raise RuntimeError("boom")
     assert torch.equal(logits(model, ids), student)  # restored after an exception
-    with adapters_disabled(model), pytest.raises(LoRAError, match="adapters_disabled"):
+    with adapters_disabled(model), pytest.raises(ValueError, match="adapters_disabled"):
         merge_lora(model)
     with adapters_disabled(ours(base_dir)):  # a model without LoRA is already the base model
         pass
@@ -306,24 +305,24 @@ def test_bad_adapter_files(base_dir, tmp_path, case):
     corrupt, message = BAD_ADAPTERS[case]
     corrupt(tmp_path / "a")
     fresh = ours(base_dir)
-    with pytest.raises(LoRAError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_adapter(fresh, tmp_path / "a")
     assert not lora_modules(fresh)  # checked before touching the model
 
 
 def test_load_into_mismatched_lora_and_bad_apply(base_dir, tmp_path):
     save_adapter(apply_lora(ours(base_dir), r=8, alpha=16, seed=0), tmp_path / "a")
-    with pytest.raises(LoRAError, match="r=32"):
+    with pytest.raises(ValueError, match="r=32"):
         load_adapter(apply_lora(ours(base_dir)), tmp_path / "a")
-    with pytest.raises(LoRAError, match="already has LoRA"):
+    with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(apply_lora(ours(base_dir)))
-    with pytest.raises(LoRAError, match="LM head"):
+    with pytest.raises(ValueError, match="LM head"):
         apply_lora(ours(base_dir), targets=["q_proj", "lm_head"])
-    with pytest.raises(LoRAError, match="not a linear layer"):
+    with pytest.raises(ValueError, match="not a linear layer"):
         apply_lora(ours(base_dir), targets=["mlp"])
-    with pytest.raises(LoRAError, match="apply_lora"):
+    with pytest.raises(ValueError, match="apply_lora"):
         lora_parameters(ours(base_dir))
-    with pytest.raises(LoRAError, match="no LoRA layers"):
+    with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(ours(base_dir), tmp_path / "b")
 
 

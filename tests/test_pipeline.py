@@ -114,3 +114,23 @@ def test_sample_train_eval(tmp_path):
     assert results[0]["accuracy"] == 0.5 and results[0]["mean_tokens"] == 5
     adapter_records = [json.loads(line) for line in (tmp_path / "runs/eval/adapter__gsm8k.jsonl").read_text().splitlines()]
     assert results[1]["accuracy"] == sum(r["responses"][0]["correct"] for r in adapter_records) / 6
+
+
+@pytest.mark.slow
+def test_pipeline_script_runs_ssb_grpo_and_one_table(tmp_path):
+    """pipeline.sh, the README's one command, on the answering model: every step runs and the
+    table has base, SSB and GRPO rows (the model is not meant to learn anything here)."""
+    model = build_answering_model(tmp_path / "model")
+    train_data = write_problems(tmp_path / "train.jsonl", 8, "Which number do I think of, puzzle")
+    test_data = write_problems(tmp_path / "test.jsonl", 4, "Guess my number, round")
+    common = "--device cpu --dtype fp32 --no-progress"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MODEL=str(model), OUT="runs/p",
+               SAMPLE_ARGS=f"{common} --data {train_data} --max-new-tokens 16",
+               TRAIN_ARGS=f"{common} --batch-size 2 --epochs 1 --lora-r 4 --lora-alpha 8",
+               GRPO_ARGS=f"{common} --data {train_data} -G 4 --max-new-tokens 16 --lora-r 4 --lora-alpha 8",
+               EVAL_ARGS=f"{common} --datasets gsm8k --data gsm8k={test_data} --max-new-tokens 16")
+    out = subprocess.run(["bash", str(REPO / "pipeline.sh")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "runs/p/eval/results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["base", "ssb", "grpo"]
+    assert all(r["problems"] == 4 for r in results)

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from minissb import prompts
-from minissb.data import read_jsonl
+from minissb.runs import read_jsonl
 from minissb.testing import build_tiny_model
-from minissb.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread: a tiny model gains nothing from more, and on a busy 2-core machine it runs ~10x faster.
@@ -133,7 +131,7 @@ def existing_run(tmp_path):
         ("dataset", "unknown dataset 'gsm9k'"),
         ("model", "does not exist"),
         ("options", "argument --k: must be an integer >= 2, got '1'"),
-        ("mismatch", "belongs to a run with other arguments"),
+        ("mismatch", "was written with other arguments"),
     ],
 )
 def test_bad_input_is_one_line_error_and_nothing_is_lost(case, message, model_dir, existing_run, tmp_path, capsys):

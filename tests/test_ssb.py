@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from minissb import prompts
-from minissb.data import Problem, read_jsonl
+from minissb.data import Problem
+from minissb.runs import check_run_config
+from sample import stage1
+from minissb.runs import read_jsonl
 from minissb.engine import Completion
 from minissb.ssb import (
     RunFiles,
-    SSBError,
     Stage1Options,
-    check_run_config,
     judge_teacher,
     run_config,
-    run_stage1,
     select_pair,
 )
 from minissb.tokenizer import Tokenizer
@@ -178,7 +178,7 @@ def run(tok, tmp_path, opts=None, gen=None, problems=None, targets=None):
     probs, script = problems_and_script()
     gen = gen or ScriptedEngine(tok, script)
     files = RunFiles(tmp_path / "pairs.jsonl")
-    summary = run_stage1(problems or probs, tok, gen, files, opts or Stage1Options(), "tiny", targets, progress=False)
+    summary = stage1(problems or probs, tok, gen, files, opts or Stage1Options(), "tiny", targets, progress=False)
     return files, summary, gen
 
 
@@ -294,30 +294,29 @@ def test_captured_targets_for_kept_pairs_only(tok, tmp_path):
     targets.write("t/9", [1, 2], torch.zeros(3, 8))
     targets.open_for_writing("tiny", torch.float32, torch.float32, 8, [p["id"] for p in pairs])
     assert not targets.has("t/9") and all(targets.has(p["id"]) for p in pairs)
-    from minissb.targets import TargetsError
 
-    with pytest.raises(TargetsError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         targets.open_for_writing("tiny", torch.bfloat16, torch.float32, 8, [])
 
 
 def test_run_config_mismatch_is_refused(tmp_path):
     files = RunFiles(tmp_path / "pairs.jsonl")
     config = run_config(Stage1Options(), "m", "bf16", "gsm8k", "train", None)
-    assert check_run_config(files, config) is True
+    assert check_run_config(files.run_config, config, [files.pairs, files.skipped]) is True
     files.run_config.write_text(json.dumps(config))
     files.pairs.write_text('{"id": "a"}\n')
-    assert check_run_config(files, run_config(Stage1Options(num_pairs=9, batch_size=2), "m", "bf16", "gsm8k", "train", None)) is False
-    with pytest.raises(SSBError, match="num_rollouts: 4 there, 8 now"):
-        check_run_config(files, run_config(Stage1Options(num_rollouts=8), "m", "bf16", "gsm8k", "train", None))
+    assert check_run_config(files.run_config, run_config(Stage1Options(num_pairs=9, batch_size=2), "m", "bf16", "gsm8k", "train", None), [files.pairs]) is False
+    with pytest.raises(ValueError, match="num_rollouts: 4 there, 8 now"):
+        check_run_config(files.run_config, run_config(Stage1Options(num_rollouts=8), "m", "bf16", "gsm8k", "train", None), [files.pairs])
     files.run_config.unlink()
-    with pytest.raises(SSBError, match="cannot be told apart"):
-        check_run_config(files, config)
+    with pytest.raises(ValueError, match="arguments are unknown"):
+        check_run_config(files.run_config, config, [files.pairs, files.skipped])
 
 
 def test_bad_options_are_refused():
     for bad in (dict(num_rollouts=1), dict(hint_order="random"), dict(copy_threshold=0), dict(batch_size=0)):
-        with pytest.raises(SSBError):
-            Stage1Options(**bad).validate()
+        with pytest.raises(AssertionError):
+            Stage1Options(**bad)
 
 
 # ----------------------------------------------------------------------------- recipes and prompt files
@@ -351,7 +350,7 @@ def test_prompt_files_render_as_given(tok, tmp_path):
     assert "\nBAD: " in user and prompts.LABEL_CORRECT not in user
     assert all("You are a tester." in c["text"] for c in gen.calls)  # rollouts saw the file's system prompt too
     (tmp_path / "bad.txt").write_text("SOLVE {question} with {correct}")
-    with pytest.raises(prompts.PromptFileError, match=r"no \{wrong\} placeholder"):
+    with pytest.raises(ValueError, match=r"no \{wrong\} placeholder"):
         prompts.read_prompt_file(tmp_path / "bad.txt", teacher=True)
 
 
@@ -370,7 +369,7 @@ def test_recipe_original_sets_the_settings_and_needs_the_prompt_files(tmp_path, 
         assert getattr(args, key) == value, key
     assert (args.top_p, args.repetition_penalty, args.answer_rule, args.max_new_tokens) == (0.8, 1.05, "exact", 8192)
     mine = parse_with_recipe(sample.build_parser(), [], "sample")
-    assert (mine.top_p, mine.repetition_penalty, mine.answer_rule, mine.no_gates) == (None, 1.0, "meaning", False)
+    assert (mine.top_p, mine.repetition_penalty, mine.answer_rule, mine.gates) == (None, 1.0, "meaning", True)
     override = parse_with_recipe(sample.build_parser(), ["--recipe", "original", *files, "--max-new-tokens", "1024"], "sample")
     assert override.max_new_tokens == 1024 and override.top_p == 0.8  # an explicit option wins
     with pytest.raises(SystemExit):

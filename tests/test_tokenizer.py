@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minissb.testing import TINY_BPE_VOCAB, build_tiny_model, build_tiny_tokenizer
-from minissb.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, TokenizerError, default_system_from_template
+from minissb.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, default_system_from_template
 
 CHATS = {
     "system+user": [
@@ -105,12 +105,9 @@ def test_default_system_read_from_a_modified_template(qwen_tokenizer_dir, tmp_pa
 
 
 def test_special_ids_and_sizes_match_transformers(qwen, hf_qwen):
-    assert qwen.endoftext_id == hf_qwen.convert_tokens_to_ids("<|endoftext|>") == 151643
-    assert qwen.im_start_id == hf_qwen.convert_tokens_to_ids("<|im_start|>") == 151644
-    assert qwen.im_end_id == hf_qwen.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert qwen.im_end_id == hf_qwen.convert_tokens_to_ids("<|im_end|>") == hf_qwen.eos_token_id == 151645
+    assert qwen.stop_ids == [qwen.im_end_id, hf_qwen.convert_tokens_to_ids("<|endoftext|>")] == [151645, 151643]
     assert qwen.pad_id == hf_qwen.pad_token_id
-    assert qwen.eos_id == hf_qwen.eos_token_id == qwen.im_end_id
-    assert qwen.stop_ids == [qwen.im_end_id, qwen.endoftext_id]
     assert qwen.vocab_size == len(hf_qwen) == 151665
 
 
@@ -129,27 +126,26 @@ def test_encode_decode_match_transformers(qwen, hf_qwen, text):
     ids = qwen.encode(text)
     assert ids == hf_qwen.encode(text, add_special_tokens=False)
     assert qwen.decode(ids) == hf_qwen.decode(ids)
-    assert qwen.decode(ids, skip_special_tokens=True) == hf_qwen.decode(ids, skip_special_tokens=True)
     assert qwen.encode_batch([text, "x"]) == [ids, qwen.encode("x")]
 
 
 def test_no_bos_added_and_special_strings_are_single_ids(qwen):
     ids = qwen.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    assert ids[0] == qwen.im_start_id  # nothing before the first <|im_start|>
-    assert ids.count(qwen.im_start_id) == 3 and ids.count(qwen.im_end_id) == 2
+    im_start = qwen.encode("<|im_start|>")
+    assert len(im_start) == 1 and ids[0] == im_start[0]  # nothing before the first <|im_start|>
+    assert ids.count(im_start[0]) == 3 and ids.count(qwen.im_end_id) == 2
 
 
 # ----------------------------------------------------------------------------- tiny tokenizer (always runs)
 
 
 def test_tiny_special_tokens_are_single_ids_after_the_bpe_vocab(tiny):
-    assert (tiny.endoftext_id, tiny.im_start_id, tiny.im_end_id) == (TINY_BPE_VOCAB, TINY_BPE_VOCAB + 1, TINY_BPE_VOCAB + 2)
+    endoftext, im_start, im_end = TINY_BPE_VOCAB, TINY_BPE_VOCAB + 1, TINY_BPE_VOCAB + 2
     assert tiny.vocab_size == TINY_BPE_VOCAB + 3
-    for tid, s in [(tiny.endoftext_id, "<|endoftext|>"), (tiny.im_start_id, "<|im_start|>"), (tiny.im_end_id, "<|im_end|>")]:
+    for tid, s in [(endoftext, "<|endoftext|>"), (im_start, "<|im_start|>"), (im_end, "<|im_end|>")]:
         assert tiny.encode(s) == [tid]
         assert tiny.encode(f"x{s}y") == tiny.encode("x") + [tid] + tiny.encode("y")
-    assert tiny.pad_id == tiny.endoftext_id and tiny.eos_id == tiny.im_end_id
-    assert tiny.stop_ids == [tiny.im_end_id, tiny.endoftext_id]
+    assert (tiny.pad_id, tiny.im_end_id, tiny.stop_ids) == (endoftext, im_end, [im_end, endoftext])
 
 
 @settings(max_examples=150, deadline=None)
@@ -161,15 +157,11 @@ def test_tiny_round_trip(tiny, text):
     assert tiny.decode(ids) == unicodedata.normalize("NFC", text)
 
 
-def test_tiny_round_trip_of_a_chat_and_skip_special(tiny):
+def test_tiny_round_trip_of_a_chat(tiny):
     messages = CHATS["tricky content"]
     text = tiny.render_chat(messages, add_generation_prompt=True)
     ids = tiny.encode_chat(messages, add_generation_prompt=True)
-    assert tiny.decode(ids) == unicodedata.normalize("NFC", text)
-    assert tiny.decode(torch.tensor(ids)) == tiny.decode_batch([torch.tensor(ids)])[0] == tiny.decode(ids)
-    stripped = tiny.decode(ids, skip_special_tokens=True)
-    assert "<|im_start|>" not in stripped and "<|im_end|>" not in stripped
-    assert stripped.startswith("system\n  leading and trailing spaces  \n\nuser\nLine one")
+    assert tiny.decode(ids) == unicodedata.normalize("NFC", text)  # special tokens kept
 
 
 def test_tiny_tokenizer_is_deterministic_and_loads_in_transformers(tmp_path, tiny_tokenizer_dir):
@@ -179,7 +171,7 @@ def test_tiny_tokenizer_is_deterministic_and_loads_in_transformers(tmp_path, tin
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(again))
     ours = Tokenizer.from_dir(again)
-    assert hf.pad_token_id == ours.pad_id and hf.eos_token_id == ours.eos_id and len(hf) == ours.vocab_size
+    assert hf.pad_token_id == ours.pad_id and hf.eos_token_id == ours.im_end_id and len(hf) == ours.vocab_size
     for messages in CHATS.values():
         assert ours.render_chat(messages, True) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ours.encode_chat(messages, False) == hf_ids(hf, messages, False)
@@ -209,7 +201,7 @@ def test_tiny_model_dir(tiny_model_dir, tmp_path):
 
 
 def test_missing_tokenizer_json(tmp_path):
-    with pytest.raises(TokenizerError, match="has no tokenizer.json") as e:
+    with pytest.raises(ValueError, match="has no tokenizer.json") as e:
         Tokenizer.from_dir(tmp_path)
     assert "\n" not in str(e.value)
 
@@ -218,18 +210,18 @@ def test_missing_special_token(tmp_path, tiny_tokenizer_dir):
     data = json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_end|>"]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    with pytest.raises(TokenizerError, match=r"has no <\|im_end\|> token"):
+    with pytest.raises(ValueError, match=r"has no <\|im_end\|> token"):
         Tokenizer.from_dir(tmp_path)
 
 
 def test_bad_tokenizer_files(tmp_path, tiny_tokenizer_dir):
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match="cannot be read by tokenizers") as e:
+    with pytest.raises(ValueError, match="cannot be read by tokenizers") as e:
         Tokenizer.from_dir(tmp_path)
     assert "\n" not in str(e.value)
     shutil.copy(tiny_tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text("{")
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: not valid JSON"):
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
         Tokenizer.from_dir(tmp_path)
 
 
@@ -253,7 +245,7 @@ def test_pad_token_from_config_in_dict_form(tmp_path, tiny_tokenizer_dir):
     ],
 )
 def test_bad_chats(tiny, messages, match):
-    with pytest.raises(TokenizerError, match=match):
+    with pytest.raises(ValueError, match=match):
         tiny.render_chat(messages)
 
 

@@ -20,6 +20,14 @@ case "${1:?stage: probe | variants | stage1 | train | train-copy | eval}" in
   variants)  # the teacher alone, once per hinted-prompt variant, on the probe's stored rollouts
     python bench/teacher_variants.py --model "$M" --run $RUN/probe/pairs.jsonl --out $RES/variants.json ;;
   stage1)    # stages 1-2 from the first problem until 32 pairs or 240 problems, targets captured
+    # The probe ran stage 1 with this run's identity (same model, dtype, seeds, settings, prompt),
+    # so its 40 records are this run's first 40 problems: start from them rather than redo them.
+    # (On a machine where runs/ was lost, copy the committed $RES/stage1/pairs.* there instead and
+    # train with --teacher online: the captured targets of the pairs kept so far are not committed.)
+    if [ ! -e $RUN/stage1/pairs.jsonl ] && [ -z "$HINT" ]; then
+      mkdir -p $RUN/stage1 && cp $RUN/probe/pairs.{jsonl,skipped.jsonl,summary.json} $RUN/stage1/
+      [ -d $RUN/probe/pairs.targets ] && cp -r $RUN/probe/pairs.targets $RUN/stage1/
+    fi
     python sample.py --model "$M" --data "$DATA" --limit 240 --max-new-tokens 512 --num-pairs 32 $HINT \
       --out $RUN/stage1/pairs.jsonl
     mkdir -p $RES/stage1 && cp $RUN/stage1/pairs.{jsonl,skipped.jsonl,summary.json,run.json} $RES/stage1/ ;;

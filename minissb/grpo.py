@@ -1,0 +1,783 @@
+"""GRPO: the reinforcement-learning baseline SSB is compared with, on the same model, LoRA,
+checker, prompt and engine, so the paper's SSB-vs-GRPO table can be rerun (grpo.py).
+
+What it is. Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) without a
+value model. Each step takes Q training questions; for each, the current policy (base model +
+LoRA) samples a group of G completions with the student prompt (prompts.student_chat, as at
+evaluation). Completion i of a group gets the reward
+
+    r_i = 1 if minissb.grader says its final answer is right, else 0   (+ --format-reward if it has a \\boxed{})
+
+and the group-normalised advantage, the same for all its tokens,
+
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)     std with Bessel's correction, as TRL
+    A_i =  r_i - mean(r)                         --no-std (Dr. GRPO, Liu et al. 2025)
+
+For each completion token t, with rho = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t):
+
+    l_t  = -min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) + beta KL_t
+    KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1      (the k3 estimator of DeepSeekMath and TRL)
+    loss = sum_i sum_t l_t / sum_i |o_i|                    token level (DAPO, Yu et al. 2025; TRL's default)
+    loss = mean_i (1/|o_i|) sum_t l_t                       --loss-norm sequence (the original GRPO)
+
+pi_old is the policy that sampled the batch. With --inner-steps 1 (the default) the batch is
+used for one optimizer step, pi_old = pi_theta detached, rho = 1 and the loss is the plain
+policy gradient -A_i log pi_theta; with K inner steps the batch is reused K times and the clip
+keeps later steps near pi_old. pi_ref is the same weights with the adapter off
+(lora.adapters_disabled): no second model. A group whose rewards are all equal has A = 0
+everywhere: it is counted (frac_all_equal) and left out of the loss and its normaliser.
+Log-probs for the loss come from a training forward pass (hidden states, then the LM head a
+chunk of positions at a time, log-softmax in float32), never from the sampler.
+
+Defaults, chosen so that only the algorithm differs from SSB (train.py), with sources:
+
+    LoRA           r 32, alpha 32, q/k/v/o/gate/up/down, dropout 0    the SSB run's (the paper's)
+    G              8 completions per question                         TRL GRPOConfig.num_generations
+    Q              4 questions per optimizer step                     SSB's batch of 4 pairs per step
+    steps          192                                                SSB's budget: 256 pairs x 3 epochs / 4
+    max new tokens 512                                                Qwen2.5's GSM8K solutions take ~150-400
+    sampling       T 1.0, no top-k, no top-p                          TRL's defaults; samples from exactly pi_theta
+    lr             1e-5, linear decay, no warmup                      TRL's GRPO lr for full fine-tuning is 1e-6
+                                                                      (DeepSeekMath's too); LoRA wants ~10x (Schulman
+                                                                      et al. 2025, "LoRA Without Regret", rank-free at
+                                                                      alpha 32; TRL reproduced it at 1e-5); the schedule
+                                                                      is SSB's. SSB's 2e-4 is for a supervised loss.
+    eps, beta      0.2, 0                                             PPO / DeepSeekMath; TRL (KL off by default)
+    normalisation  token level, group std                             TRL's loss_type "dapo", scale_rewards "group"
+    grad clip, wd  1.0, 0                                             the Trainer's defaults, as SSB
+--match-ssb RUN_DIR takes the problems, the batch size, the epochs and the step count from a
+train.py run, so GRPO trains on the same problems for the same number of optimizer steps (in
+the same order with the same --seed) and prints both wall-clocks.
+
+Sampling from merged weights (the default). A training step waits for hundreds of decode
+steps. Unmerged, every adapted projection adds two small matmuls, two casts of the float32 A
+and B to the activations' dtype and an add to every decode step: few FLOPs (r = 32 against a
+hidden size of 896-2,048), but for a 3B model ~1,000 more kernel launches per step (36 layers
+x 7 projections x ~4) next to the ~1,400 of an eager decode step, which is launch-bound on a
+GPU (an ESTIMATE from the shapes; not yet measured on a GPU). Merged, the engine runs the base
+model's kernels. On this 2-core CPU it makes no measurable difference: Qwen2.5-0.5B shapes with
+random weights, bf16, one thread, 32 rows, 4 x 8 samples of 16 tokens, shared machine:
+1.27-1.50 s per decode step merged against 1.26-1.45 s unmerged over four runs, while merging
+and restoring cost 2-5 s per step (~1% of a step of 512 decode steps). The catch of merging:
+merge_lora/unmerge_lora round W + sBA and back in W's dtype, and in bf16 ~6% of entries come
+back one ulp off (minissb.lora); every step, over hundreds of steps, that would random-walk the
+frozen base weights, which are also the KL reference. So the adapted base weights are copied
+to host memory once (0.7 GB for the 0.5B model, 5.5 GB for the 3B model in bf16) and copied
+back after each sampling phase instead of unmerging: the base is bit for bit the same at every
+step (tested). Merged and unmerged sample the same tokens in float32 (tested); in bf16 the
+logits differ by rounding (W + sBA rounded once against the branch rounded per matmul), the
+noise another pool size also gives, which over hundreds of tokens lets some samples diverge.
+--sample-unmerged samples through the branch and needs no copy.
+
+Determinism and resume. The questions of step s are a permutation of the problems drawn from
+(seed, epoch) (as train.py draws its pairs); each question's completions are seeded from
+(seed, "grpo", "s:<problem id>") (runs.problem_seed), so they do not depend on the pool size or
+on what else is sampled; the learning rate is a function of the step. A checkpoint (adapter,
+AdamW, RNG) therefore continues the same curve: a resumed run writes the metrics and the
+adapter of an uninterrupted one (tested in float32).
+
+Read top to bottom: config -> problems and budget (--match-ssb) -> sampling (merged weights,
+requests, rollouts with rewards) -> advantages -> batches and log-probs -> the loss -> the
+update (inner steps x micro-batches) -> the run (start_run, metrics, wall-clock). grpo.py holds
+the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from tqdm import tqdm
+
+from minissb import grader, prompts
+from minissb.data import Problem, data_file, load_problems
+from minissb.engine import Completion, Engine, Request
+from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_modules, lora_parameters, merge_lora
+from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
+from minissb.runs import (check_output_dir, file_sha256, float_range, int_range, problem_seed, read_json, read_jsonl,
+                          remove_temp_files, resolve_dtype_name, torch_device, torch_dtype)
+from minissb.tokenizer import Tokenizer
+from minissb.training import (MATPLOTLIB_MISSING, TIMING_FIELDS, NonFiniteLossError, atomic_write_text, autocast,
+                              enable_gradient_checkpointing, epoch_order, load_checkpoint, lr_at, option_flag, read_run_json,
+                              resume_plan, truncate_metrics)
+
+# The budget when --match-ssb does not set it: SSB's default run (256 pairs, batch 4, 3 epochs = 192 steps).
+DEFAULT_QUESTIONS_PER_STEP, DEFAULT_EPOCHS, DEFAULT_MAX_STEPS = 4, 1, 192
+ADVANTAGE_EPS = 1e-4  # TRL's: keeps a group whose rewards barely differ from blowing up
+# Timing fields of a metrics line: the only ones a resumed run may write differently.
+GRPO_TIMING_FIELDS = (*TIMING_FIELDS, "sample_time_s", "train_time_s", "train_tokens_per_s")
+PLOTTED = (("reward_mean", "reward (mean)"), ("accuracy", "accuracy of the samples"), ("frac_all_equal", "groups with equal rewards"),
+           ("completion_len", "mean completion length"), ("loss", "loss"), ("kl", "KL to the reference (k3)"),
+           ("clip_frac", "clipped tokens"), ("grad_norm", "grad norm"), ("lr", "learning rate"), ("tokens_per_s", "sampled tokens/s"))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class GRPOConfig:
+    out: str = "runs/grpo"
+    model: str = "Qwen/Qwen2.5-3B-Instruct"
+    tokenizer: str | None = None  # None: the model directory
+    dataset: str = "gsm8k"
+    split: str = "train"
+    data: str | None = None  # local mirror dir or .jsonl/.parquet file; None: the hub (as sample.py)
+    limit: int | None = None  # only the first N problems
+    match_ssb: str | None = None  # a train.py run dir: its problems, batch size, epochs and steps
+    system_prompt_file: str | None = None  # None: prompts.SYSTEM_PROMPT
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 on CUDA and on CPUs with native bf16, else fp32
+    lora_r: int = 32
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    grad_checkpointing: bool = False
+    group_size: int = 8  # G
+    questions_per_step: int | None = None  # Q; None: DEFAULT_QUESTIONS_PER_STEP or the SSB run's batch size
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_k: int | None = None  # 0/None: off
+    top_p: float | None = None  # None/1: off
+    batch_size: int | None = None  # engine slots; None: Q x G (one step's completions decode together)
+    sample_unmerged: bool = False  # sample through the LoRA branch instead of merged weights
+    cuda_graphs: bool = False
+    format_reward: float = 0.0  # added for a \boxed{} answer, right or wrong
+    no_std: bool = False  # advantages r - mean(r), not divided by the group's std (Dr. GRPO)
+    loss_norm: str = "token"  # "token" (DAPO) or "sequence" (GRPO)
+    clip_eps: float = 0.2
+    beta: float = 0.0  # KL(pi_theta || pi_ref) weight; 0: no reference forward at all
+    inner_steps: int = 1  # optimizer steps per sampled batch
+    micro_batch_size: int = 4  # completions per forward/backward (gradients accumulate; same result)
+    loss_chunk_size: int = 256  # positions per LM-head chunk: memory is chunk x vocab float32
+    lr: float = 1e-5
+    lr_schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
+    epochs: int | None = None  # None: DEFAULT_EPOCHS or the SSB run's
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS or the SSB run's total; 0: no cap
+    seed: int = 0
+    save_every: int = 25
+    keep_checkpoints: int = 1
+    resume: bool = False
+    stop_after_steps: int | None = None
+    plot: bool = False
+    progress: bool = True
+
+
+# Options that define the trajectory: a checkpoint made with other values is not continued.
+TRAJECTORY_FIELDS = (
+    "model", "dtype", "dataset", "split", "limit", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "group_size", "questions_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "sample_unmerged",
+    "format_reward", "no_std", "loss_norm", "clip_eps", "beta", "inner_steps", "lr", "lr_schedule", "warmup_ratio",
+    "min_lr_ratio", "weight_decay", "max_grad_norm", "epochs", "max_steps", "seed",
+)
+# The allowed values of every numeric option: grpo.py parses with these, check_config checks a
+# GRPOConfig with them (library callers skip argparse). None means unset.
+OPTION_TYPES = {
+    "limit": int_range(1), "lora_r": int_range(1), "lora_alpha": float_range(0, low_open=True),
+    "lora_dropout": float_range(0, 1, high_open=True), "group_size": int_range(2), "questions_per_step": int_range(1),
+    "max_new_tokens": int_range(1), "temperature": float_range(0, low_open=True), "top_k": int_range(0),
+    "top_p": float_range(0, 1, low_open=True), "batch_size": int_range(1), "format_reward": float_range(0),
+    "clip_eps": float_range(0, 1, low_open=True, high_open=True), "beta": float_range(0), "inner_steps": int_range(1),
+    "micro_batch_size": int_range(1), "loss_chunk_size": int_range(1), "lr": float_range(0, low_open=True),
+    "warmup_ratio": float_range(0, 1), "min_lr_ratio": float_range(0, 1), "weight_decay": float_range(0),
+    "max_grad_norm": float_range(), "epochs": int_range(1), "max_steps": int_range(0), "seed": int_range(0, 2**32 - 1),
+    "save_every": int_range(0), "keep_checkpoints": int_range(0), "stop_after_steps": int_range(1),
+}
+
+
+def check_config(cfg: GRPOConfig) -> GRPOConfig:
+    """The one check of a GRPOConfig: a one-line ValueError for a bad value, before anything
+    loads; returns it with --dtype auto resolved for this machine."""
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype_name(cfg.dtype, torch_device(cfg.device)),
+                              lora_targets=tuple(cfg.lora_targets))
+    if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
+        raise ValueError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    if cfg.loss_norm not in ("token", "sequence") or cfg.lr_schedule not in ("linear", "cosine"):
+        raise ValueError(f"--loss-norm must be token or sequence and --lr-schedule linear or cosine, "
+                         f"got {cfg.loss_norm!r} and {cfg.lr_schedule!r}")
+    for name, kind in OPTION_TYPES.items():
+        value = getattr(cfg, name)
+        if value is not None and kind.problem(value):
+            raise ValueError(f"{option_flag(name)} {kind.problem(value)}")
+    if cfg.batch_size is not None and cfg.batch_size < cfg.group_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than --group-size {cfg.group_size}: "
+                         "a question's completions decode together, one engine slot each")
+    if cfg.match_ssb is not None:
+        given = [n for n in ("questions_per_step", "epochs", "max_steps", "limit") if getattr(cfg, n) is not None]
+        if given:
+            raise ValueError(f"--match-ssb sets the problems, the questions per step, the epochs and the steps from "
+                             f"the SSB run; drop {option_flag(given[0])}")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after training
+        raise ValueError(MATPLOTLIB_MISSING)
+    check_output_dir(cfg.out)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- problems and budget
+
+
+@dataclass
+class SSBRun:
+    """What --match-ssb reads from a train.py run directory."""
+
+    dir: Path
+    pairs: Path
+    problem_ids: list[str]  # the pairs' problems, in the pairs file's order
+    questions: dict[str, str]
+    batch_size: int
+    epochs: int
+    total_steps: int
+    seed: int
+    config: dict  # the run's settings (model, LoRA, lr, ...)
+    system_prompt: str | None  # the system turn of its pairs' student chat
+    train_seconds: float | None  # train.py's wall-clock, from its metrics.jsonl
+    sample_seconds: float | None  # sample.py's generation time, from <pairs>.summary.json
+
+
+def wall_clock(metrics: list[dict]) -> float:
+    """Seconds of training a metrics.jsonl records. elapsed_s restarts at 0 in a resumed process,
+    so each stretch counts up to its last line: the sum of those is the whole run's."""
+    total = prev = 0.0
+    for m in metrics:
+        e = float(m.get("elapsed_s") or 0.0)
+        if e < prev:
+            total += prev
+        prev = e
+    return round(total + prev, 2)
+
+
+def read_ssb_run(run_dir: str | Path) -> SSBRun:
+    """The problems and budget of the SSB (train.py) run in run_dir, checked against its pairs file."""
+    run_dir = Path(run_dir)
+    info = read_run_json(run_dir)
+    if info is None or "pairs" not in info["config"] or "total_steps" not in info:
+        raise ValueError(f"--match-ssb {run_dir}: no run.json of a train.py run there")
+    cfg = info["config"]
+    bad = [k for k in ("batch_size", "epochs") if not isinstance(cfg.get(k), int)]
+    if bad or not isinstance(cfg["pairs"], str) or not isinstance(info["total_steps"], int):
+        raise ValueError(f"--match-ssb {run_dir}: run.json lacks {bad[0] if bad else 'pairs or total_steps'}: not a train.py run")
+    pairs = Path(cfg["pairs"]).expanduser()
+    if not pairs.is_file():
+        raise ValueError(f"--match-ssb {run_dir}: its pairs file {pairs} (as recorded in run.json) is not found from "
+                         "here: run grpo.py from the directory train.py ran in")
+    if info.get("data_sha256") and file_sha256(pairs) != info["data_sha256"]:
+        raise ValueError(f"--match-ssb {run_dir}: {pairs} changed since that run trained on it")
+    records = read_jsonl(pairs, own_output=False)
+    ids = [r.get("id") for r in records]
+    if not ids or not all(isinstance(i, str) and isinstance(r.get("question"), str) for i, r in zip(ids, records)):
+        raise ValueError(f"--match-ssb {run_dir}: {pairs} holds no pairs with an id and a question")
+    metrics_path = run_dir / "metrics.jsonl"
+    train_seconds = wall_clock(read_jsonl(metrics_path)) if metrics_path.is_file() else None
+    summary = pairs.with_name((pairs.stem if pairs.suffix == ".jsonl" else pairs.name) + ".summary.json")
+    sample_seconds = read_json(summary).get("generation_seconds") if summary.is_file() else None
+    chat = records[0].get("student_chat")
+    system = chat[0].get("content") if isinstance(chat, list) and chat and isinstance(chat[0], dict) and chat[0].get("role") == "system" else None
+    return SSBRun(run_dir, pairs, ids, {r["id"]: r["question"] for r in records}, cfg["batch_size"], cfg["epochs"],
+                  info["total_steps"], int(cfg.get("seed", 0)), cfg, system, train_seconds, sample_seconds)
+
+
+def resolve_budget(cfg: GRPOConfig, problems: list[Problem], ssb: SSBRun | None) -> tuple[GRPOConfig, list[Problem]]:
+    """The questions per step, epochs and step cap (the defaults, or the SSB run's) and the
+    problems to train on (all, or the SSB run's, in its pairs file's order)."""
+    if ssb is None:
+        return dataclasses.replace(
+            cfg, questions_per_step=cfg.questions_per_step or DEFAULT_QUESTIONS_PER_STEP, epochs=cfg.epochs or DEFAULT_EPOCHS,
+            max_steps=DEFAULT_MAX_STEPS if cfg.max_steps is None else cfg.max_steps), problems
+    by_id = {p.id: p for p in problems}
+    missing = [i for i in ssb.problem_ids if i not in by_id]
+    if missing:
+        raise ValueError(f"--match-ssb: problem {missing[0]} of {ssb.pairs} ({len(missing)} of {len(ssb.problem_ids)}) is "
+                         f"not in {cfg.dataset}/{cfg.split} as read from --data: pass the --data sample.py read")
+    chosen = [by_id[i] for i in ssb.problem_ids]
+    changed = [p.id for p in chosen if p.question.strip() != ssb.questions[p.id].strip()]
+    if changed:
+        raise ValueError(f"--match-ssb: problem {changed[0]} reads differently in --data than in {ssb.pairs}: "
+                         "pass the --data sample.py read")
+    return dataclasses.replace(cfg, questions_per_step=ssb.batch_size, epochs=ssb.epochs, max_steps=ssb.total_steps), chosen
+
+
+def step_problems(problems: list[Problem], step: int, per_step: int, seed: int) -> tuple[list[Problem], int]:
+    """(the questions of step `step`, its epoch): consecutive slices of each epoch's order."""
+    steps_per_epoch = math.ceil(len(problems) / per_step)
+    epoch, index = divmod(step, steps_per_epoch)
+    order = epoch_order(len(problems), seed, epoch)
+    return [problems[i] for i in order[index * per_step : (index + 1) * per_step]], epoch
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one question, with its reward and (later) its advantage."""
+
+    problem_id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the sampled tokens, then the stop token when it stopped (trained too)
+    finish_reason: str  # "stop" or "length"
+    reward: float
+    correct: bool
+    advantage: float = 0.0
+
+
+def base_weight_copy(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
+    """The adapted layers' base weights, copied to host memory once, to restore after each merge."""
+    return {name: m.weight.detach().to("cpu", copy=True) for name, m in lora_modules(model)}
+
+
+@contextmanager
+def sampling_weights(model: Qwen2ForCausalLM, base_copy: dict[str, torch.Tensor] | None):
+    """Inside: the weights the engine samples with. base_copy None: unchanged (the LoRA branch
+    runs at every decode step). Else W <- W + sBA (merged), and on the way out W is copied back
+    from base_copy and the layer marked unmerged: the base is bit for bit what it was, and no
+    W - sBA is computed (unmerge_lora's rounding is what the copy avoids)."""
+    if base_copy is None:
+        yield model
+        return
+    merge_lora(model)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, m in lora_modules(model):
+                m.weight.copy_(base_copy[name])
+                m.merged = False
+
+
+def question_requests(problems: list[Problem], prompt_ids: dict[str, list[int]], step: int, cfg: GRPOConfig) -> list[Request]:
+    """One engine request per question: G samples seeded from (seed, step, problem id)."""
+    return [Request(prompt=prompt_ids[p.id], max_new_tokens=cfg.max_new_tokens, num_samples=cfg.group_size,
+                    temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                    seed=problem_seed(cfg.seed, "grpo", f"{step}:{p.id}"), tag=i)
+            for i, p in enumerate(problems)]
+
+
+def reward(text: str, finished: bool, problem: Problem, format_reward: float = 0.0) -> tuple[float, bool]:
+    """(reward, right?): 1 when the checker says the final answer is right (a cut-off response
+    counts only through a closed \\boxed{}, as in eval.py), plus format_reward for any \\boxed{}."""
+    correct = grader.grade(text, problem.gold, problem.dataset, finished=finished)
+    boxed = format_reward > 0 and grader.extract_answer(text, problem.dataset, fallback=False, finished=finished) is not None
+    return float(correct) + (format_reward if boxed else 0.0), correct
+
+
+def make_rollout(problem: Problem, prompt: list[int], c: Completion, format_reward: float) -> Rollout:
+    finished = c.finish_reason == "stop"
+    r, correct = reward(c.text or "", finished, problem, format_reward)
+    ids = list(c.token_ids) + ([c.stop_id] if finished else [])
+    return Rollout(problem.id, list(prompt), ids, c.finish_reason, r, correct)
+
+
+def sample_groups(engine: Engine, problems: list[Problem], prompt_ids: dict[str, list[int]], step: int, cfg: GRPOConfig,
+                  progress: bool = False) -> list[list[Rollout]]:
+    """The step's Q groups of G rewarded rollouts, in question order (the engine finishes them in any order)."""
+    groups: list[list[Rollout] | None] = [None] * len(problems)
+    bar = tqdm(total=len(problems), desc=f"sample {step + 1}", unit="q", leave=False, disable=not progress, dynamic_ncols=True)
+    for out in engine.run(question_requests(problems, prompt_ids, step, cfg)):
+        i = out.request.tag
+        groups[i] = [make_rollout(problems[i], out.request.prompt, c, cfg.format_reward) for c in out.completions]
+        bar.update(1)
+    bar.close()
+    return groups
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = ADVANTAGE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (Q, G) -> (advantages (Q, G), all_equal (Q,) bool).
+
+    A = r - mean(r) per group, divided by (std(r) + eps) with Bessel's correction unless
+    scale_by_std is False. A group whose rewards are all equal gets A = 0 exactly and is flagged."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be (questions, G >= 2), got shape {tuple(rewards.shape)}")
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    all_equal = (rewards == rewards[:, :1]).all(dim=1)
+    return adv.masked_fill(all_equal[:, None], 0.0), all_equal
+
+
+def assign_advantages(groups: list[list[Rollout]], cfg: GRPOConfig) -> list[bool]:
+    """Set each rollout's advantage; returns, per group, whether its rewards are all equal."""
+    rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float64)  # (Q, G)
+    adv, all_equal = group_advantages(rewards, scale_by_std=not cfg.no_std)
+    for g, row in zip(groups, adv.tolist()):
+        for r, a in zip(g, row):
+            r.advantage = a
+    return all_equal.tolist()
+
+
+# ----------------------------------------------------------------------------- batches and log-probs
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) prompt + completion minus its last token, right-padded
+    attention_mask: torch.Tensor | None  # (B, T) bool; None when no row is padded
+    loss_mask: torch.Tensor  # (B, T) bool: positions P-1 .. P+n-2, each predicting a completion token
+    labels: torch.Tensor  # (N,) the completion tokens, rollout by rollout (the mask's row-major order)
+    n_real: int  # real input tokens
+
+
+def collate(rollouts: list[Rollout], pad_id: int, device) -> Batch:
+    """Right-pad rollouts into one batch. The last completion token is only ever a label."""
+    rows = [r.prompt_ids + r.completion_ids[:-1] for r in rollouts]
+    T = max(len(row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.bool)
+    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for b, (row, r) in enumerate(zip(rows, rollouts)):
+        P, n = len(r.prompt_ids), len(r.completion_ids)
+        ids[b, : len(row)] = torch.tensor(row)
+        attn[b, : len(row)] = True
+        loss_mask[b, P - 1 : P - 1 + n] = True
+    labels = torch.tensor([t for r in rollouts for t in r.completion_ids])
+    n_real = int(attn.sum())
+    attention_mask = None if n_real == attn.numel() else attn.to(device)  # no padding: SDPA's plain causal path
+    return Batch(ids.to(device), attention_mask, loss_mask.to(device), labels.to(device), n_real)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(h W^T / T)[label] for a chunk of rows: (n, D) -> (n,), in float32 (float64 for float64)."""
+    logits = F.linear(hidden, weight)  # (n, V) in the weights' dtype, like the model's own logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    return logits.log_softmax(dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+def completion_logprobs(model: Qwen2ForCausalLM, batch: Batch, temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of every completion token of `batch`: (N,), differentiable.
+
+    One training forward for the hidden states, then the LM head a chunk of positions at a
+    time. With gradients on, each chunk is checkpointed: its (chunk, V) float32 logits are
+    dropped after the forward and recomputed in backward, so no (N, V) tensor ever exists.
+    temperature: the sampling temperature, so rho and the KL are about the sampled distribution (as TRL)."""
+    with autocast(model.device, model.dtype):
+        hidden = model.hidden_states(batch.ids, attention_mask=batch.attention_mask)  # (B, T, D)
+        rows = hidden[batch.loss_mask]  # (N, D), rollout by rollout
+        weight = model.lm_head.weight
+        out = []
+        for s in range(0, rows.shape[0], chunk_size):
+            h, y = rows[s : s + chunk_size], batch.labels[s : s + chunk_size]
+            if torch.is_grad_enabled():
+                out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, h, y, weight, temperature, use_reentrant=False))
+            else:
+                out.append(_chunk_logprobs(h, y, weight, temperature))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reference_logprobs(model: Qwen2ForCausalLM, batch: Batch, cfg: GRPOConfig) -> torch.Tensor:
+    """log pi_ref of the completion tokens: the same weights with every adapter off."""
+    with adapters_disabled(model):
+        return completion_logprobs(model, batch, cfg.temperature, cfg.loss_chunk_size)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def token_weights(lengths: list[int], norm: str = "token") -> torch.Tensor:
+    """(N,) weights w_t with loss = sum_t w_t l_t over all completions of the update:
+    token: 1 / (all their tokens); sequence: 1 / (number of completions x its own length)."""
+    if norm == "token":
+        return torch.full((sum(lengths),), 1.0 / sum(lengths))
+    return torch.cat([torch.full((n,), 1.0 / (len(lengths) * n)) for n in lengths])
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar sum_t w_t l_t; call .backward() on it
+    kl_sum: float  # sum over these tokens of KL_t (0 without a reference)
+    clipped: int  # tokens whose clip is active (their gradient is zero)
+    n_tokens: int
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+              clip_eps: float = 0.2, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None) -> LossParts:
+    """The clipped GRPO objective over N tokens (all (N,)): sum_t w_t (-min(rho A, clip(rho) A) + beta KL_t).
+
+    rho = exp(logprobs - old_logprobs); old_logprobs = logprobs.detach() gives rho = 1 and the
+    plain policy gradient. A token counts as clipped where the clipped term is the smaller one
+    and flat: rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0 (at 1 +- eps it still learns)."""
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    kl_sum = 0.0
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        d = ref_logprobs.detach() - logprobs  # log(pi_ref / pi_theta)
+        kl = d.exp() - d - 1  # k3: unbiased for KL(pi_theta || pi_ref) and never negative
+        per_token = per_token + beta * kl
+        kl_sum = kl.detach().sum().item()
+    active = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
+    return LossParts((weights * per_token).sum(), kl_sum, int(active.sum()), logprobs.numel())
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+@dataclass
+class MicroBatch:
+    rollouts: list[Rollout]
+    batch: Batch
+    advantages: torch.Tensor  # (N,) each token gets its completion's advantage
+    weights: torch.Tensor  # (N,) its share of the whole update's loss
+    old: torch.Tensor | None = None  # log pi_old, set on the first pass (pi_old = the sampling policy)
+    ref: torch.Tensor | None = None  # log pi_ref, when beta > 0
+
+
+def micro_batches(rollouts: list[Rollout], cfg: GRPOConfig, pad_id: int, device) -> list[MicroBatch]:
+    """The update's rollouts in forward-sized pieces, sorted by length (less padding), each with
+    its tokens' advantages and loss weights (computed over all rollouts: the pieces sum to the loss)."""
+    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+    weights = token_weights([len(r.completion_ids) for r in rollouts], cfg.loss_norm).split(
+        [len(r.completion_ids) for r in rollouts])
+    out, mb = [], cfg.micro_batch_size
+    for s in range(0, len(rollouts), mb):
+        part = rollouts[s : s + mb]
+        adv = torch.tensor([r.advantage for r in part for _ in r.completion_ids], dtype=torch.float32)
+        out.append(MicroBatch(part, collate(part, pad_id, device), adv.to(device), torch.cat(weights[s : s + mb]).to(device)))
+    return out
+
+
+def accumulate_gradients(model: Qwen2ForCausalLM, micro: list[MicroBatch], cfg: GRPOConfig, where: str = "") -> dict:
+    """One forward and backward over every micro-batch: the whole update's loss gradient ends up
+    in the LoRA weights' .grad. The first call fixes pi_old (and pi_ref) for the later inner steps."""
+    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "input_tokens": 0}
+    for mb in micro:
+        if cfg.beta > 0 and mb.ref is None:
+            mb.ref = reference_logprobs(model, mb.batch, cfg)
+            sums["input_tokens"] += mb.batch.n_real
+        lp = completion_logprobs(model, mb.batch, cfg.temperature, cfg.loss_chunk_size)  # (N,)
+        if mb.old is None:
+            mb.old = lp.detach()  # on-policy: rho = 1 at the first inner step
+        parts = grpo_loss(lp, mb.old, mb.advantages, mb.weights, cfg.clip_eps, cfg.beta, mb.ref)
+        if not torch.isfinite(parts.loss):
+            ids = sorted({r.problem_id for r in mb.rollouts})
+            raise NonFiniteLossError(f"non-finite loss ({parts.loss.item()}) {where}, problems {', '.join(ids)}; "
+                                     f"lower --lr ({cfg.lr:g}) or check --beta ({cfg.beta:g})")
+        parts.loss.backward()
+        sums["loss"] += parts.loss.item()
+        sums["kl_sum"] += parts.kl_sum
+        sums["clipped"] += parts.clipped
+        sums["tokens"] += parts.n_tokens
+        sums["input_tokens"] += mb.batch.n_real
+    return sums
+
+
+def policy_update(model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, rollouts: list[Rollout], cfg: GRPOConfig,
+                  lrs: list[float], pad_id: int, where: str = "") -> dict:
+    """cfg.inner_steps AdamW steps on one sampled batch (lrs: one per inner step); their mean
+    loss, KL and clip fraction, and the last grad norm. No rollouts (every group all equal): no step."""
+    if not rollouts:
+        return {"loss": None, "kl": None, "clip_frac": None, "grad_norm": None, "train_tokens": 0, "input_tokens": 0}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    micro = micro_batches(rollouts, cfg, pad_id, model.device)
+    losses, kls, clips, n_input, grad_norm = [], [], [], 0, 0.0
+    for k, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        s = accumulate_gradients(model, micro, cfg, f"{where}, inner step {k + 1}")
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm {where}, inner step {k + 1}; lower --lr ({cfg.lr:g})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(s["loss"])
+        kls.append(s["kl_sum"] / s["tokens"])
+        clips.append(s["clipped"] / s["tokens"])
+        n_input += s["input_tokens"]
+    K = len(lrs)
+    return {"loss": sum(losses) / K, "kl": sum(kls) / K if cfg.beta > 0 else None, "clip_frac": sum(clips) / K,
+            "grad_norm": grad_norm, "train_tokens": sum(len(r.completion_ids) for r in rollouts), "input_tokens": n_input}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class GRPORun:
+    """Everything grpo.py's loop reads, built by start_run."""
+
+    cfg: GRPOConfig  # with the budget resolved
+    model: Qwen2ForCausalLM
+    tok: Tokenizer
+    engine: Engine
+    optimizer: torch.optim.Optimizer
+    problems: list[Problem]
+    prompt_ids: dict[str, list[int]]  # problem id -> the rendered student chat
+    base_copy: dict[str, torch.Tensor] | None  # None: sample unmerged
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int  # in optimizer steps (total_steps x inner_steps of them)
+    start_step: int
+    fingerprint: dict
+    data_sha256: str
+    info: dict  # run.json
+    ssb: SSBRun | None = None
+
+    def lrs(self, step: int) -> list[float]:
+        """The learning rate of each inner step of `step` (the schedule spans every optimizer step)."""
+        k = self.cfg.inner_steps
+        return [lr_at(step * k + i, self.total_steps * k, self.cfg.lr, self.warmup_steps, self.cfg.min_lr_ratio,
+                      self.cfg.lr_schedule) for i in range(k)]
+
+
+def training_problems(cfg: GRPOConfig) -> tuple[GRPOConfig, list[Problem], SSBRun | None, str, str | None]:
+    """(cfg with its budget, the problems, the SSB run, the hash of what is trained on, the system prompt)."""
+    ssb = read_ssb_run(cfg.match_ssb) if cfg.match_ssb else None
+    system = prompts.read_prompt_file(cfg.system_prompt_file, teacher=False) if cfg.system_prompt_file else None
+    problems = load_problems(cfg.dataset, split=cfg.split, source=cfg.data, limit=cfg.limit)
+    if not problems:
+        raise ValueError(f"{cfg.dataset}/{cfg.split} has no problems to train on")
+    cfg, problems = resolve_budget(cfg, problems, ssb)
+    # One hash for what is trained on: the data file, which of its problems, the system prompt.
+    digest = hashlib.sha256(file_sha256(data_file(cfg.dataset, cfg.split, cfg.data)).encode())
+    digest.update(json.dumps([[p.id for p in problems], system]).encode())
+    return cfg, problems, ssb, digest.hexdigest(), system
+
+
+def load_policy(cfg: GRPOConfig, problems: list[Problem], system: str | None):
+    """(model with a fresh LoRA, tokenizer, prompt ids per problem, engine, model dir)."""
+    device, dtype = torch_device(cfg.device), torch_dtype(cfg.dtype)
+    model_dir = resolve_model_dir(cfg.model)
+    tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
+    model = from_pretrained(model_dir, dtype=dtype, device=device)
+    texts = [tok.render_chat(prompts.student_chat(p.question, system), add_generation_prompt=True) for p in problems]
+    prompt_ids = {p.id: ids for p, ids in zip(problems, tok.encode_batch(texts))}
+    max_len = max(len(ids) for ids in prompt_ids.values()) + cfg.max_new_tokens
+    if max_len > model.config.max_position_embeddings:
+        raise ValueError(f"the longest prompt + --max-new-tokens {cfg.max_new_tokens} = {max_len} tokens exceeds the model's "
+                         f"max_position_embeddings {model.config.max_position_embeddings}")
+    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()  # only LoRA dropout reads it; the engine samples in eval mode
+    slots = cfg.batch_size or cfg.questions_per_step * cfg.group_size
+    engine = Engine(model, slots, max_len, stop_ids=tok.stop_ids, tokenizer=tok, cuda_graphs=cfg.cuda_graphs)
+    return model, tok, prompt_ids, engine, model_dir
+
+
+def start_run(cfg: GRPOConfig, say=print) -> GRPORun:
+    """Load the problems, the model and its adapter, and continue from the newest checkpoint when
+    rerun; writes run.json. Refusals (other settings over a run with something to lose) come
+    before the model loads."""
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    cfg, problems, ssb, data_sha, system = training_problems(cfg)
+    fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
+    resume, note = resume_plan(out, cfg.resume, fingerprint, data_sha, data_name="training problems")
+    model, tok, prompt_ids, engine, model_dir = load_policy(cfg, problems, system)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(problems) / cfg.questions_per_step)
+    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    warmup_steps = round(cfg.warmup_ratio * total_steps * cfg.inner_steps)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "checkpoints", out / "adapter"):
+        remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
+    start_step = load_checkpoint(out, model, optimizer, model.device, fingerprint, data_sha, "training problems")["step"] if resume else 0
+    base_copy = None if cfg.sample_unmerged else base_weight_copy(model)  # after loading: the base weights only
+    truncate_metrics(out / "metrics.jsonl", start_step)
+    info = {"config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_problems": len(problems),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "optimizer_steps": total_steps * cfg.inner_steps,
+            "warmup_steps": warmup_steps, "device": str(model.device), "model_dir": str(model_dir),
+            "engine_slots": engine.num_slots, "engine_max_len": engine.max_len,
+            "trainable_params": sum(p.numel() for p in lora_parameters(model)),
+            "match_ssb": None if ssb is None else {"dir": str(ssb.dir), "pairs": str(ssb.pairs), "n_pairs": len(ssb.problem_ids),
+                                                   "total_steps": ssb.total_steps, "train_seconds": ssb.train_seconds}}
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+
+    Q, G = cfg.questions_per_step, cfg.group_size
+    say(f"{len(problems)} problems, {Q} questions x {G} completions per step, {steps_per_epoch} steps/epoch x {cfg.epochs} "
+        f"epochs -> {total_steps} steps ({cfg.inner_steps} optimizer step(s) each); {info['trainable_params']:,} LoRA "
+        f"parameters on {model.device}; sampling {'unmerged' if cfg.sample_unmerged else 'merged'}, {engine.num_slots} slots")
+    if ssb is not None:
+        say(ssb_budget_line(ssb, seed_matches=cfg.seed == ssb.seed))
+        for line in ssb_mismatches(ssb, cfg, system):
+            warnings.warn(f"--match-ssb: {line}: the comparison is not like for like")
+    for line in filter(None, [note, start_step and f"resuming from step {start_step} of {total_steps}"]):
+        say(line)
+    return GRPORun(cfg, model, tok, engine, optimizer, problems, prompt_ids, base_copy, steps_per_epoch, total_steps,
+                   warmup_steps, start_step, fingerprint, data_sha, info, ssb)
+
+
+def ssb_budget_line(ssb: SSBRun, seed_matches: bool) -> str:
+    order = "in the same order" if seed_matches else "in another order (another --seed)"
+    times = "" if ssb.train_seconds is None else f"; SSB's training took {ssb.train_seconds:,.1f} s"
+    return (f"--match-ssb {ssb.dir}: the SSB run's {len(ssb.problem_ids)} problems, {ssb.batch_size} per step, {ssb.epochs} "
+            f"epochs -> {ssb.total_steps} steps, {order}{times}")
+
+
+def ssb_mismatches(ssb: SSBRun, cfg: GRPOConfig, system: str | None = None) -> list[str]:
+    """Settings that should match for a fair comparison but differ from the SSB run's (warned about)."""
+    ours = {"model": cfg.model, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets),
+            "dtype": cfg.dtype}
+    theirs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ssb.config.items() if k in ours}
+    if "model" in theirs:  # a hub id and a local copy of it are the same model: compare the last path part
+        theirs["model"], ours["model"] = (str(m).rstrip("/").rsplit("/", 1)[-1].lower() for m in (theirs["model"], ours["model"]))
+    out = [f"{option_flag(k)} is {ours[k]!r} here but {theirs[k]!r} in the SSB run" for k in theirs if theirs[k] != ours[k]]
+    ours_system = prompts.SYSTEM_PROMPT if system is None else system
+    if ssb.system_prompt is not None and ssb.system_prompt != ours_system:
+        out.append("the system prompt differs from the one in the SSB run's pairs (pass the --system-prompt-file sample.py read)")
+    return out
+
+
+def step_metrics(step: int, run: GRPORun, groups: list[list[Rollout]], all_equal: list[bool], update: dict,
+                 times: tuple[float, float, float, float]) -> dict:
+    """The metrics line of one step. times: (step start, sampling done, update done, run start)."""
+    t0, t_sampled, t_done, t_start = times
+    flat = [r for g in groups for r in g]
+    sampled = sum(len(r.completion_ids) for r in flat)
+    line = {
+        "step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4),
+        "reward_mean": sum(r.reward for r in flat) / len(flat), "accuracy": sum(r.correct for r in flat) / len(flat),
+        "frac_all_equal": sum(all_equal) / len(groups), "groups_skipped": sum(all_equal),
+        "completion_len": sampled / len(flat), "frac_truncated": sum(r.finish_reason == "length" for r in flat) / len(flat),
+        "loss": update["loss"], "kl": update["kl"], "clip_frac": update["clip_frac"], "grad_norm": update["grad_norm"],
+        "lr": run.lrs(step)[-1], "train_tokens": update["train_tokens"],
+        "tokens_per_s": round(sampled / max(t_sampled - t0, 1e-9), 1),
+        "train_tokens_per_s": round(update["input_tokens"] / max(t_done - t_sampled, 1e-9), 1),
+        "sample_time_s": round(t_sampled - t0, 4), "train_time_s": round(t_done - t_sampled, 4),
+        "step_time_s": round(t_done - t0, 4), "elapsed_s": round(t_done - t_start, 2),
+    }
+    if run.model.device.type == "cuda":
+        line["cuda_max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.model.device) / 2**30, 3)
+    return line
+
+
+def wall_clock_report(run: GRPORun, metrics_path: Path) -> str:
+    """The wall-clock of this run's training, next to the SSB run's when --match-ssb."""
+    ours = wall_clock(read_jsonl(metrics_path)) if metrics_path.is_file() else 0.0
+    text = f"wall-clock: GRPO {ours:,.1f} s of training ({run.total_steps} steps)"
+    if run.ssb is not None:
+        ssb = run.ssb
+        train_s = "unknown (no metrics.jsonl)" if ssb.train_seconds is None else f"{ssb.train_seconds:,.1f} s"
+        sample_s = "" if ssb.sample_seconds is None else f" after {ssb.sample_seconds:,.1f} s of sample.py generation"
+        text += f"; SSB train.py {train_s} ({ssb.total_steps} steps){sample_s}"
+    return text
+
+
+__all__ = [
+    "GRPOConfig", "NonFiniteLossError", "OPTION_TYPES", "TRAJECTORY_FIELDS", "GRPO_TIMING_FIELDS", "PLOTTED", "check_config",
+    "SSBRun", "read_ssb_run", "resolve_budget", "wall_clock", "epoch_order", "step_problems",
+    "Rollout", "base_weight_copy", "sampling_weights", "question_requests", "reward", "sample_groups",
+    "group_advantages", "assign_advantages", "Batch", "collate", "completion_logprobs", "reference_logprobs",
+    "token_weights", "LossParts", "grpo_loss", "MicroBatch", "micro_batches", "accumulate_gradients", "policy_update",
+    "GRPORun", "start_run", "ssb_mismatches", "step_metrics", "wall_clock_report",
+]
