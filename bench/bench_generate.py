@@ -39,9 +39,11 @@ from pathlib import Path
 
 import torch
 
-from minissb.engine import Engine, Request
-from minissb.generate import generate, prompt_seed
-from minissb.model import from_pretrained
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, without installing
+
+from minissb.engine import Engine, Request  # noqa: E402
+from minissb.generate import generate, prompt_seed  # noqa: E402
+from minissb.model import from_pretrained  # noqa: E402
 
 STATIC_COMMIT = "aecf6fc"  # main just before the engine: the static-batch sampler
 
