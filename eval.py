@@ -10,6 +10,11 @@ Writes into --out (runs/eval by default), for the base model and each adapter x 
 and prints a table: problems, accuracy with its 95% Wilson score interval, mean response
 length in tokens and the difference to the base model. Killed and rerun with the same
 arguments, it continues where it stopped; a larger --limit extends an earlier run.
+
+    torchrun --nproc_per_node 8 eval.py --adapter runs/train/adapter
+
+shards each dataset's problems over 8 ranks (one GPU each); rank 0 merges every responses file
+in problem order and writes the table: the same files as one process (minissb/evaluate.py).
 """
 
 from __future__ import annotations
@@ -81,15 +86,17 @@ def evaluate(args) -> list[dict]:
     """Evaluate the base model and each adapter on each dataset; print and save the table."""
     import torch  # here, so that --help and bad options come without the wait for torch
 
-    from minissb import prompts
+    from minissb import dist, prompts
     from minissb.engine import Engine
-    from minissb.evaluate import (add_deltas, check_adapters_fit, check_options, eval_max_len, evaluate_dataset, format_table,
-                                  load_eval_problems, make_targets, plan_runs, result_row, table_legend)
+    from minissb.evaluate import (add_deltas, check_adapters_fit, check_options, eval_max_len, evaluate_dataset, finish_plan,
+                                  format_table, load_eval_problems, make_targets, plan_runs, result_row, table_legend,
+                                  tidy_outputs)
     from minissb.lora import load_adapter, merge_lora
     from minissb.model import from_pretrained, resolve_model_dir
-    from minissb.runs import remove_temp_files, resolve_dtype_name, torch_device, torch_dtype, write_json_atomic
+    from minissb.runs import resolve_dtype_name, torch_device, torch_dtype, write_json_atomic
     from minissb.tokenizer import Tokenizer
 
+    world, device_name = dist.setup(args.device)  # a world of one unless launched by torchrun
     # Everything that can be wrong with the inputs is found before the first token is generated.
     datasets, data_files, top_k, top_p = check_options(args)
     system_prompt = prompts.read_prompt_file(args.system_prompt_file, teacher=False) if args.system_prompt_file else None
@@ -98,16 +105,16 @@ def evaluate(args) -> list[dict]:
     model_dir = resolve_model_dir(args.model)
     check_adapters_fit(model_dir, targets, args.model)
     tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
-    device = torch_device(args.device)
+    device = torch_device(device_name)
     dtype_name = resolve_dtype_name(args.dtype, device)
-    plans = plan_runs(args, targets, problems, data_files, dtype_name, top_k, top_p, system_prompt)
+    plans = plan_runs(args, targets, problems, data_files, dtype_name, top_k, top_p, system_prompt)  # each reads its records
     out_dir = Path(args.out)
-    remove_temp_files(out_dir)  # left by a run killed mid-write or stopped by a full disk
+    dist.on_main(world, lambda: tidy_outputs(out_dir, plans))  # the barrier: all ranks have read the records before any writes
+    share = {id(p): dist.mine([q for q in problems[p.dataset] if q.id not in p.done], world) for p in plans}
 
     results, model, pristine = [], None, False
     for t in targets:
-        todo = [p for p in plans if p.target is t and p.todo]
-        if todo:
+        if any(share[id(p)] for p in plans if p.target is t):
             # Each adapter goes onto freshly loaded base weights: unmerging a bf16 merge does not give the base
             # weights back bit for bit (minissb.lora), and reloading is cheap next to generation.
             if model is None or not pristine:
@@ -120,16 +127,23 @@ def evaluate(args) -> list[dict]:
                 pristine = False
         for plan in (p for p in plans if p.target is t):
             session = {"new_problems": 0, "new_tokens": 0, "seconds": 0.0}
-            if plan.todo:
+            if plan.todo and world.is_main:
                 write_json_atomic(plan.config_path, plan.config)
+            if share[id(plan)]:  # this rank's problems of the plan, appended to its part under torchrun
                 engine = Engine(model, max(args.batch_size, args.samples), eval_max_len(tokenizer, problems[plan.dataset], plan.gen),
                                 stop_ids=tokenizer.stop_ids, tokenizer=tokenizer, cuda_graphs=args.cuda_graphs)
-                session = evaluate_dataset(problems[plan.dataset], tokenizer, engine, plan.responses, plan.gen,
-                                           not args.no_progress, desc=f"{t.label} {plan.dataset}")
+                session = evaluate_dataset(share[id(plan)], tokenizer, engine, dist.write_path(plan.responses, world), plan.gen,
+                                           not args.no_progress and world.is_main, desc=f"{t.label} {plan.dataset}")
                 del engine  # its KV cache goes before the next model loads
+            session = finish_plan(world, plan, problems[plan.dataset], session)  # rank 0: the merged file, all ranks' numbers
+            if session is None:
+                continue  # not rank 0: rank 0 writes the table
+            if plan.todo:
                 print(f"{t.label} {plan.dataset}: {session['new_problems']} problems, {session['new_tokens']} tokens "
                       f"in {session['seconds']:.1f} s ({session['new_tokens'] / max(session['seconds'], 1e-9):.1f} tokens/s)")
             results.append(result_row(plan, problems[plan.dataset], session))
+    if not world.is_main:
+        return []
 
     results.sort(key=lambda r: datasets.index(r["dataset"]))  # stable: within a dataset, base first, then adapters in order
     add_deltas(results)

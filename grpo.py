@@ -10,11 +10,17 @@ the token-level clipped policy-gradient loss (DAPO normalisation, eps 0.2, no KL
 one AdamW step on the LoRA (r 32, alpha 32, lr 1e-5, linear decay); 192 steps, SSB's budget.
 Writes into --out: adapter/ (PEFT, for eval.py), metrics.jsonl (one line per step), run.json,
 checkpoints/step-N/. Rerunning the same command continues from the newest checkpoint.
+
+    torchrun --nproc_per_node 8 grpo.py --data ../shared/data --out runs/grpo
+
+splits each step's questions over the ranks for sampling, gathers the rollouts, splits the
+forwards and backwards, and adds the gradients (minissb/dist.py): the one-process step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import minissb.grpo as G
+from minissb import dist
 from minissb.grpo import DEFAULT_EPOCHS, DEFAULT_MAX_STEPS, DEFAULT_QUESTIONS_PER_STEP, OPTION_TYPES as T, GRPOConfig
 from minissb.lora import DEFAULT_TARGETS
 from minissb.runs import DTYPE_HELP, ArgumentParser, HelpFormatter, run_main
@@ -117,44 +124,51 @@ def parse_args(argv=None) -> GRPOConfig:
 def train(cfg: GRPOConfig) -> dict:
     """Run (or continue) a GRPO run into cfg.out: adapter/ (PEFT), metrics.jsonl, run.json,
     checkpoints/step-N/. Returns a summary."""
-    cfg = G.check_config(cfg)
-    out, say = Path(cfg.out), (tqdm.write if cfg.progress else (lambda s: None))
-    run = G.start_run(cfg, say)
+    world, device = dist.setup(cfg.device)  # a world of one unless launched by torchrun
+    cfg = G.check_config(dataclasses.replace(cfg, device=device))
+    talk = cfg.progress and world.is_main  # rank 0 alone logs and writes
+    out, say = Path(cfg.out), (tqdm.write if talk else (lambda s: None))
+    run = G.start_run(cfg, say, world)
     cfg = run.cfg  # the budget resolved (defaults or --match-ssb)
     stop_at = min(run.total_steps, cfg.stop_after_steps or run.total_steps)
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="grpo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="grpo", unit="step", disable=not talk, dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"
-    metrics = MetricsLog(metrics_path)
+    metrics = MetricsLog(metrics_path) if world.is_main else None
     t_start, last = time.perf_counter(), {}
     try:
         for step in range(run.start_step, stop_at):
             t0 = time.perf_counter()
             problems, epoch = G.step_problems(run.problems, step, cfg.questions_per_step, cfg.seed)
             with G.sampling_weights(run.model, run.base_copy):  # merged LoRA; the base weights restored bit for bit after
-                groups = G.sample_groups(run.engine, problems, run.prompt_ids, step, cfg, cfg.progress)  # Q x G, rewarded
+                groups = G.sample_groups(run.engine, dist.my_slice(problems, world), run.prompt_ids, step, cfg, talk)  # this rank's questions x G
+            groups = dist.gather(world, groups)  # every rank holds all Q groups, in question order
             t_sampled = time.perf_counter()
             all_equal = G.assign_advantages(groups, cfg)  # a group whose rewards are all equal has no signal: skipped
             rollouts = [r for g, equal in zip(groups, all_equal) if not equal for r in g]
             update = G.policy_update(run.model, run.optimizer, rollouts, cfg, run.lrs(step), run.tok.pad_id,
-                                     where=f"at step {step + 1} (epoch {epoch + 1})")
+                                     where=f"at step {step + 1} (epoch {epoch + 1})", world=world)
             last = G.step_metrics(step, run, groups, all_equal, update, (t0, t_sampled, time.perf_counter(), t_start))
-            metrics.write(last)
+            if metrics:
+                metrics.write(last)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward_mean']:.3f}", equal=f"{last['frac_all_equal']:.2f}", len=f"{last['completion_len']:.0f}")
-            if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or (step + 1 == stop_at < run.total_steps):
+            save = (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or (step + 1 == stop_at < run.total_steps)
+            if save and world.is_main:
                 extra = {"config": run.fingerprint, "data_sha256": run.data_sha256}
                 save_checkpoint(out, step + 1, run.model, run.optimizer, extra, cfg.keep_checkpoints, cfg.model)
     except KeyboardInterrupt:
         raise interrupted(out) from None
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
         bar.close()
 
+    adapter = dist.on_main(world, lambda: finish(out, run.model, cfg.model, stop_at, run.total_steps, say))
     summary = {"steps": stop_at, "total_steps": run.total_steps, "metrics": str(metrics_path), "last": last,
-               "adapter": finish(out, run.model, cfg.model, stop_at, run.total_steps, say)}
+               "adapter": adapter, "world_size": world.size}
     summary["wall_clock"] = G.wall_clock_report(run, metrics_path)
     say(summary["wall_clock"])
-    if cfg.plot:
+    if cfg.plot and world.is_main:
         summary["plot"] = str(plot_metrics(metrics_path, out / "metrics.png", G.PLOTTED))
         say(f"plot saved to {summary['plot']}")
     return summary
@@ -165,7 +179,7 @@ def main(argv=None) -> int:
 
     def body():
         last = train(cfg)["last"]
-        if last and cfg.progress:
+        if last and cfg.progress and dist.launched().is_main:
             print(f"step {last['step']}: reward {last['reward_mean']:.3f}, accuracy {last['accuracy']:.3f}, "
                   f"all-equal groups {last['frac_all_equal']:.2f}, completion length {last['completion_len']:.0f}")
 

@@ -8,7 +8,16 @@ Writes, next to --out (runs/ssb/pairs.jsonl):
     pairs.run.json        the run's arguments: a restart must match them
     pairs.summary.json    counts, skip reasons, gate firings, tokens/s
     pairs.targets/        the teacher's hidden states on each kept solution (train.py --teacher captured)
-Killed at any point and restarted with the same arguments, it continues where it stopped.
+Killed at any point and restarted with the same arguments, it continues where it stopped; a
+larger --limit extends an earlier run. At the end of each session the two record files are
+rewritten in problem order.
+
+    torchrun --nproc_per_node 8 sample.py --data ../shared/data --out runs/ssb/pairs.jsonl
+
+shards the problems over 8 ranks (one GPU each): each rank appends to its own part files
+(pairs.rank3.jsonl, ...), and at the end rank 0 merges them into the files above, the same
+records in the same order as one process writes (minissb/ssb.py, "Several ranks"). A killed
+run continues at any number of ranks, one process included.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minissb import gates, prompts
+from minissb import dist, gates, prompts
 from minissb.data import data_file, load_problems
 from minissb.engine import Engine
 from minissb.model import from_pretrained, resolve_model_dir
@@ -28,7 +37,8 @@ from minissb.recipes import add_recipe_argument, parse_with_recipe
 from minissb.runs import (DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, check_output_dir, check_run_config,
                           file_sha256, float_range, int_range, model_identity, resolve_dtype_name, run_main, torch_device,
                           torch_dtype, write_json_atomic)
-from minissb.ssb import RunFiles, RunStats, Stage1, Stage1Options, format_summary, read_done, run_config, stage1_max_len
+from minissb.ssb import (RunFiles, Stage1, Stage1Options, finish_run, format_summary, merge_records, read_done, run_config,
+                         stage1_max_len, start_run)
 from minissb.targets import CapturedTargets
 from minissb.tokenizer import Tokenizer
 
@@ -102,6 +112,7 @@ def stage1_options(args) -> Stage1Options:
 
 def sample(args) -> dict:
     """Check everything, load, then stream the problems through the engine until enough pairs."""
+    world, device_name = dist.setup(args.device)  # a world of one unless launched by torchrun
     files = RunFiles(Path(args.out))
     check_output_dir(files.pairs.parent)  # a file where the folder belongs, or read-only: fail before loading
     for path in (files.pairs, files.skipped, files.summary):
@@ -110,58 +121,67 @@ def sample(args) -> dict:
     opts = stage1_options(args)
     # Everything that can fail on bad input is checked before the first byte is written.
     model_dir, model_name = resolve_model_dir(args.model), model_identity(args.model)
-    device = torch_device(args.device)
+    device = torch_device(device_name)
     dtype_name = resolve_dtype_name(args.dtype, device)
     problems = load_problems(args.dataset, split=args.split, source=args.data, limit=args.limit)
     digest = file_sha256(data_file(args.dataset, args.split, args.data))
     config = run_config(opts, model_name, dtype_name, args.dataset, args.split, model_identity(args.data), digest)
-    new_run = check_run_config(files.run_config, config, [files.pairs, files.skipped])
-    pairs, skipped = read_done(files)  # a damaged output file fails now, not after the model is loaded
+    new_run = check_run_config(files.run_config, config, files.outputs())
+    pairs, _ = read_done(files)  # a damaged output file fails now, not after the model is loaded
 
     tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
     model = from_pretrained(model_dir, dtype=torch_dtype(dtype_name), device=device)
     engine = Engine(model, opts.batch_size, stage1_max_len(tokenizer, problems, opts), stop_ids=tokenizer.stop_ids,
                     cuda_graphs=args.cuda_graphs)  # a KV cache that cannot fit fails here, before any write
-    if new_run:
+    if new_run and world.is_main:
         write_json_atomic(files.run_config, config)
     targets = None
     if opts.capture_targets:
         targets = CapturedTargets(files.targets)
         stored = getattr(torch, opts.targets_dtype) if opts.targets_dtype else model.dtype
-        targets.open_for_writing(model_name, model.dtype, stored, model.config.hidden_size, [r["id"] for r in pairs])
-    print(f"stage 1: {len(problems)} problems from {args.dataset}/{args.split}, model {args.model} ({dtype_name} on {model.device}), "
-          f"{opts.batch_size} engine slots of {engine.max_len} positions", file=sys.stderr)
-    summary = stage1(problems, tokenizer, engine, files, opts, model_name, targets, progress=not args.no_progress)
-    print(format_summary(summary))
-    print(f"wrote {files.pairs}, {files.skipped.name}, {files.summary.name}" + (f", {files.targets.name}/" if targets else ""))
+
+        def open_targets(clean: bool) -> None:
+            targets.open_for_writing(model_name, model.dtype, stored, model.config.hidden_size, [r["id"] for r in pairs], clean=clean)
+
+        dist.on_main(world, lambda: open_targets(True))  # meta.json and the cleanup once, before any rank writes a file
+        if not world.is_main:
+            open_targets(False)  # the same settings check, nothing written
+    if world.is_main:
+        ranks = f", {world.size} ranks" if world.distributed else ""
+        print(f"stage 1: {len(problems)} problems from {args.dataset}/{args.split}, model {args.model} ({dtype_name} on {model.device}{ranks}), "
+              f"{opts.batch_size} engine slots of {engine.max_len} positions", file=sys.stderr)
+    summary = stage1(problems, tokenizer, engine, files, opts, model_name, targets, progress=not args.no_progress, world=world)
+    if world.is_main:
+        print(format_summary(summary))
+        print(f"wrote {files.pairs}, {files.skipped.name}, {files.summary.name}" + (f", {files.targets.name}/" if targets else ""))
     return summary
 
 
 def stage1(problems, tokenizer, engine, files: RunFiles, opts: Stage1Options, model_name: str,
-           targets: CapturedTargets | None = None, progress: bool = True) -> dict:
+           targets: CapturedTargets | None = None, progress: bool = True, world: dist.World = dist.World()) -> dict:
     """The loop: problems stream through the engine; a problem's rollouts are graded as soon as
     its K samples are done, its teacher request jumps the queue, and each record is written
-    the moment it is decided. A rerun continues after the problems already written."""
-    for path in (files.pairs, files.skipped):  # both exist from the start, empty or not, for the next stage
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    pairs, skipped = read_done(files)
-    done = {r["id"] for r in pairs} | {r["id"] for r in skipped}
-    stats = RunStats(pairs, skipped, files.read_summary())  # the counts and totals of earlier sessions
-    stage = Stage1(tokenizer, files, opts, model_name, stats, targets)
-    todo = [p for p in problems if p.id not in done]
+    the moment it is decided. A rerun continues after the problems already written; under
+    torchrun each rank runs this loop on its share of them (every rank-th problem left)."""
+    stats, done, others = start_run(files, world)  # every rank has read the records before any writes
+    stage = Stage1(tokenizer, files, opts, model_name, stats, targets, world)
+    todo = dist.mine([p for p in problems if p.id not in done], world)
+    summary_path = dist.write_path(files.summary, world)
+
+    def kept() -> int:  # the pairs of all ranks together
+        return stats.pairs + others.new()
 
     def feed():  # pulled lazily by the engine, whenever slots are free
         for p in todo:
-            if stats.pairs >= opts.num_pairs:
+            if kept() >= opts.num_pairs:
                 return
             yield stage.rollout_request(p)
 
-    bar = tqdm(total=len(todo), desc="stage 1", unit="problem", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="stage 1", unit="problem", disable=not (progress and world.is_main), dynamic_ncols=True)
     bar.set_postfix(pairs=stats.pairs)
     try:
         for out in engine.run(feed()):
-            if stats.pairs >= opts.num_pairs:
+            if kept() >= opts.num_pairs:
                 break  # enough pairs: problems still in flight stay undone
             kind, problem = out.request.tag[:2]
             if kind == "rollouts":
@@ -172,11 +192,15 @@ def stage1(problems, tokenizer, engine, files: RunFiles, opts: Stage1Options, mo
             else:
                 stage.on_teacher(out.request.tag, out.completions[0])  # judged, written as a pair or a skip
             bar.update(1)
-            bar.set_postfix(pairs=stats.pairs)
-            stats.save(files.summary)  # the time so far goes in each save: a killed session keeps its share
+            bar.set_postfix(pairs=kept())
+            stats.save(summary_path)  # the time so far goes in each save: a killed session keeps its share
+    except KeyboardInterrupt:
+        if not world.distributed:
+            merge_records(files, problems)  # in problem order; under torchrun other ranks may still append: the next start merges
+        raise
     finally:
         bar.close()
-    return stats.save(files.summary)
+    return finish_run(files, problems, stats, world)  # rank 0: the merged files and the run's summary
 
 
 def main(argv=None) -> int:

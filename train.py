@@ -7,11 +7,18 @@ q/k/v/o/gate/up/down, T^2 * KL(teacher || student) at T=2, AdamW lr 2e-4 decayin
 no warmup, batch 4, 3 epochs; the teacher's targets are the hidden states sample.py captured
 (--teacher online: the same weights with the adapter off, on the hinted prompt, every step).
 --recipe original trains the student on the original code's flat-text input.
+
+    torchrun --nproc_per_node 8 train.py --pairs runs/pairs.jsonl --out runs/train
+
+runs data parallel (minissb/dist.py): --batch-size stays the global batch, each rank trains its
+slice of it (then --micro-batch-size pairs per forward), and the step is the one-process step.
+Rank 0 alone writes; a run continues from its checkpoint at any number of ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minissb import dist
 from minissb.distill import OPTION_TYPES as T, TrainConfig, batch_at, check_config, optimizer_step, start_run
 from minissb.lora import DEFAULT_TARGETS
 from minissb.recipes import add_recipe_argument, parse_with_recipe
@@ -57,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora-alpha", type=T["lora_alpha"], default=D.lora_alpha, help="LoRA alpha (scaling alpha / r)")
     m.add_argument("--lora-dropout", type=T["lora_dropout"], default=D.lora_dropout, help="dropout on the LoRA branch input")
     m.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated linear layers to adapt")
+    m.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the frozen base layers over the ranks (FSDP2), for a base that does "
+                        "not fit one GPU; the LoRA weights stay whole on every rank")
     m.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass: less activation memory, "
                         "one more student forward per step")
@@ -110,14 +121,16 @@ def parse_args(argv=None) -> TrainConfig:
 def train(cfg: TrainConfig) -> dict:
     """Run (or continue) a distillation run into cfg.out: adapter/ (PEFT), metrics.jsonl,
     run.json, checkpoints/step-N/. Returns a summary."""
-    cfg = check_config(cfg)
+    world, device = dist.setup(cfg.device)  # a world of one unless launched by torchrun
+    cfg = check_config(dataclasses.replace(cfg, device=device))
     out = Path(cfg.out)
-    say = tqdm.write if cfg.progress else (lambda s: None)
-    run = start_run(cfg, say)
+    talk = cfg.progress and world.is_main  # rank 0 alone logs and writes
+    say = tqdm.write if talk else (lambda s: None)
+    run = start_run(cfg, say, world)
     stop_at = min(run.total_steps, cfg.stop_after_steps or run.total_steps)
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", disable=not talk, dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"
-    metrics = MetricsLog(metrics_path)
+    metrics = MetricsLog(metrics_path) if world.is_main else None
     t_start, last = time.perf_counter(), {}
     try:
         for step in range(run.start_step, stop_at):
@@ -131,23 +144,26 @@ def train(cfg: TrainConfig) -> dict:
                     "elapsed_s": round(time.perf_counter() - t_start, 2)}
             if run.model.device.type == "cuda":
                 last["cuda_max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.model.device) / 2**30, 3)
-            metrics.write(last)
+            if metrics:
+                metrics.write(last)
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}", lr=f"{lr:.2e}")
-            if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or (step + 1 == stop_at < run.total_steps):
+            save = (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or (step + 1 == stop_at < run.total_steps)
+            if save and world.is_main:
                 extra = {"config": run.fingerprint, "data_sha256": run.data_sha256, "epoch": epoch,
                          "epoch_order": order, "batch_index": index + 1}
                 save_checkpoint(out, step + 1, run.model, run.optimizer, extra, cfg.keep_checkpoints, cfg.model)
     except KeyboardInterrupt:
         raise interrupted(out) from None
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
         bar.close()
 
+    adapter = dist.on_main(world, lambda: finish(out, run.model, cfg.model, stop_at, run.total_steps, say))
     summary = {"steps": stop_at, "total_steps": run.total_steps, "n_truncated": run.info["n_truncated"],
-               "metrics": str(metrics_path), "last": last,
-               "adapter": finish(out, run.model, cfg.model, stop_at, run.total_steps, say)}
-    if cfg.plot:
+               "metrics": str(metrics_path), "last": last, "adapter": adapter, "world_size": world.size}
+    if cfg.plot and world.is_main:
         summary["plot"] = str(plot_metrics(metrics_path, out / "metrics.png"))
         say(f"plot saved to {summary['plot']}")
     return summary
@@ -158,7 +174,7 @@ def main(argv=None) -> int:
 
     def body():
         last = train(cfg)["last"]
-        if last and cfg.progress:
+        if last and cfg.progress and dist.launched().is_main:
             print(f"step {last['step']}: loss {last['loss']:.4g}, kl {last['kl']:.4g}, ce {last['ce']:.4g}")
 
     return run_main(body)

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
+from minissb import dist
+from minissb.dist import World, barrier
 from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_parameters
 from minissb.loss import LossOutput, kd_loss
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
@@ -86,6 +88,7 @@ class TrainConfig:
     max_seq_len: int = 4096
     truncate: bool = False
     grad_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard the frozen base layers over the ranks (FSDP2)
     loss_chunk_size: int = 256
     seed: int = 0
     save_every: int = 50
@@ -318,6 +321,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     mb = cfg.micro_batch_size
     if mb is not None and not mb <= cfg.batch_size:
         raise ValueError(f"--micro-batch-size must be between 1 and --batch-size {cfg.batch_size}, got {mb}")
+    if cfg.fsdp and not dist.launched().distributed:
+        raise ValueError("--fsdp shards the base over torchrun's ranks: launch with torchrun --nproc_per_node 2 or more")
     if cfg.kd_weight == cfg.ce_weight == 0:
         raise ValueError("--kd-weight and --ce-weight are both 0: nothing to train on; set one of them > 0")
     if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after training
@@ -326,7 +331,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _non_finite(what: str, step: int, epoch: int, batch: list[Example], cfg: TrainConfig) -> NonFiniteLossError:
+def _non_finite(what: str, batch: list[Example], step: int, epoch: int, cfg: TrainConfig) -> NonFiniteLossError:
     """The error for a non-finite loss or gradient norm, with the likely cause: before any update
     it is the settings of the loss or the pairs, after one it is most often a too large --lr."""
     where = f"at step {step + 1} (epoch {epoch + 1}), pairs {', '.join(ex.id for ex in batch)}"
@@ -394,12 +399,13 @@ class TrainRun:
     fingerprint: dict  # the trajectory settings a checkpoint must match
     data_sha256: str
     info: dict  # run.json
+    world: World = World()  # torchrun's ranks (minissb.dist); a world of one without it
 
 
-def start_run(cfg: TrainConfig, say=print) -> TrainRun:
+def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun:
     """Load the pairs, the model and its adapter, and continue from the newest checkpoint when
     rerun; writes run.json. Refusals (other settings over a run with something to lose) come
-    before the model loads."""
+    before the model loads. Under torchrun every rank loads the same and rank 0 alone writes."""
     out = Path(cfg.out)
     device, dtype = torch_device(cfg.device), torch_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -408,10 +414,11 @@ def start_run(cfg: TrainConfig, say=print) -> TrainRun:
     data_sha = file_sha256(cfg.pairs)
     fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
     resume, note = resume_plan(out, cfg.resume, fingerprint, data_sha)
+    barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
 
     model_dir = resolve_model_dir(cfg.model)
     tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
-    model = from_pretrained(model_dir, dtype=dtype, device=device)
+    model = from_pretrained(model_dir, dtype=dtype, device="cpu" if cfg.fsdp else device)  # --fsdp: shards go to the GPU
     if cfg.max_seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
@@ -425,25 +432,32 @@ def start_run(cfg: TrainConfig, say=print) -> TrainRun:
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.fsdp:
+        dist.shard_base(model, world, device)
     model.train()  # only LoRA dropout reads it
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / "checkpoints", out / "adapter"):
-        remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
+    # The checkpoint holds nothing per rank (the LoRA weights and AdamW state are the same on every
+    # rank), so a run continues at any world size.
     start_step = load_checkpoint(out, model, optimizer, device, fingerprint, data_sha)["step"] if resume else 0
-    truncate_metrics(out / "metrics.jsonl", start_step)  # starting over (0) keeps no line of the earlier attempt
     n_truncated = sum(ex.truncated for ex in examples)
     info = {"config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_pairs": len(examples), "n_truncated": n_truncated,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": round(cfg.warmup_ratio * total_steps),
-            "device": str(device), "model_dir": str(model_dir), "trainable_params": sum(p.numel() for p in params)}
-    atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+            "device": str(device), "world_size": world.size, "model_dir": str(model_dir),
+            "trainable_params": sum(p.numel() for p in params)}
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "checkpoints", out / "adapter"):
+            remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
+        truncate_metrics(out / "metrics.jsonl", start_step)  # starting over (0) keeps no line of the earlier attempt
+        atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
 
+    ranks = f", {world.size} ranks of ~{cfg.batch_size / world.size:.3g} pairs" if world.distributed else ""
     say(f"{len(examples)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs -> {total_steps} steps (batch "
-        f"{cfg.batch_size}, micro-batch {cfg.micro_batch_size or cfg.batch_size}); teacher {cfg.teacher}; "
+        f"{cfg.batch_size}{ranks}, micro-batch {cfg.micro_batch_size or cfg.batch_size}); teacher {cfg.teacher}; "
         f"{info['trainable_params']:,} LoRA parameters on {device}")
     if n_truncated:
         dropped = sum(ex.solution_len + 1 - ex.n for ex in examples)
@@ -452,7 +466,7 @@ def start_run(cfg: TrainConfig, say=print) -> TrainRun:
     for line in filter(None, [note, start_step and f"resuming from step {start_step} of {total_steps}"]):
         say(line)
     return TrainRun(model, tok, examples, captured, params, optimizer, steps_per_epoch, total_steps,
-                    info["warmup_steps"], start_step, fingerprint, data_sha, info)
+                    info["warmup_steps"], start_step, fingerprint, data_sha, info, world)
 
 
 def batch_at(run: TrainRun, step: int, cfg: TrainConfig) -> tuple[list[Example], int, list[int], int]:
@@ -466,32 +480,46 @@ def optimizer_step(run: TrainRun, batch: list[Example], cfg: TrainConfig, lr: fl
     """Forward and backward over `batch` a micro-batch at a time, clip, one AdamW step; the step's metrics.
 
     Each micro-batch's loss is a token mean over its positions, weighted by its share of the
-    batch's positions, so the sum is the token mean over the whole batch whatever the micro-batch size."""
+    batch's positions, so the sum is the token mean over the whole batch whatever the micro-batch size.
+    Under torchrun each rank does its slice of the batch (same weights: the whole batch's token
+    count is known to all), and the gradients and sums are added over ranks: the one-process step."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    n_batch = sum(ex.n for ex in batch)
+    n_batch = sum(ex.n for ex in batch)  # the whole batch's: every rank holds all pairs
     micro = cfg.micro_batch_size or cfg.batch_size
-    sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
-    n_input = 0
-    for m in range(0, len(batch), micro):
-        mb = batch[m : m + micro]
+    sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "input_tokens": 0, "non_finite": 0}
+    my_pairs, bad = dist.my_slice(batch, run.world), None
+    pieces = [my_pairs[m : m + micro] for m in range(0, len(my_pairs), micro)]
+    if cfg.fsdp:  # every rank runs as many forwards and backwards as the busiest one: the padding has weight 0
+        pieces += [None] * (math.ceil(math.ceil(len(batch) / run.world.size) / micro) - len(pieces))
+    for mb in pieces:
+        if mb is None:
+            res, _ = micro_batch_loss(run.model, batch[:1], cfg, run.tok.pad_id, run.captured)
+            (res.loss * 0.0).backward()
+            continue
         res, n_real = micro_batch_loss(run.model, mb, cfg, run.tok.pad_id, run.captured)
-        n_input += n_real
-        if not torch.isfinite(res.loss):
-            raise _non_finite(f"loss ({res.loss.item()})", step, epoch, mb, cfg)
+        sums["input_tokens"] += n_real
+        if not torch.isfinite(res.loss):  # raised after the sums: other ranks would wait for this one forever
+            sums["non_finite"] += 1
+            bad = bad or (f"loss ({res.loss.item()})", mb)
+            continue
         weight = res.n_tokens / n_batch
         (res.loss * weight).backward()
         sums["loss"] += res.loss.item() * weight
         sums["kl"] += res.kl.item() * weight if res.kl is not None else math.nan
         sums["ce"] += res.ce.item() * weight
+    sums = dict(zip(sums, dist.sum_floats(run.world, list(sums.values()))))
+    if sums.pop("non_finite"):
+        raise _non_finite(*(bad or ("loss on another rank", batch)), step, epoch, cfg)
+    dist.sum_grads(run.world, run.params)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).item()
     if not math.isfinite(grad_norm):
-        raise _non_finite("gradient norm", step, epoch, batch, cfg)
+        raise _non_finite("gradient norm", batch, step, epoch, cfg)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {**sums, "grad_norm": grad_norm, "lr": lr, "train_tokens": n_batch,
-            "completion_len": n_batch / len(batch), "input_tokens": n_input}
+            "completion_len": n_batch / len(batch), "input_tokens": int(sums["input_tokens"])}
 
 
 __all__ = [

@@ -19,8 +19,17 @@ Files, for each (model or adapter) x dataset, in the output directory:
     <label>__<dataset>.run.json   the generation arguments: a restart must match them
     results.json                  the metrics table as JSON
 Records are appended and fsynced one problem at a time, so a killed run is continued by
-running the same command again (a half-written last line is dropped). Metrics are always
-computed from the records on disk for the problems asked for, old and new alike.
+running the same command again (a half-written last line is dropped). At the end of each
+session a responses file is rewritten in problem order. Metrics are always computed from the
+records on disk for the problems asked for, old and new alike.
+
+Under torchrun (minissb.dist) every rank reads the records of each responses file and of its
+part files before any rank writes, evaluates every rank-th problem still missing and appends
+to its own part (base__gsm8k.rank1.jsonl); once every rank is done with a file, rank 0 merges
+it in problem order and computes the metrics. Greedy decoding and per-problem seeds make each
+record independent of what shared the engine with it, so the files are the ones one process
+writes. The session numbers of a row (generated problems, tokens, seconds) are summed over
+ranks: generation_seconds are then rank-seconds.
 """
 
 from __future__ import annotations
@@ -34,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from minissb import grader, prompts
+from minissb import dist, grader, prompts
 from minissb.data import DATASETS, Problem, data_file, load_problems
 from minissb.engine import Request
-from minissb.runs import (append_jsonl, check_output_dir, check_run_config, file_sha256, model_identity, problem_seed, read_jsonl)
+from minissb.runs import (append_jsonl, check_output_dir, check_run_config, file_sha256, model_identity, problem_seed,
+                          remove_temp_files)
 
 
 # New-token caps per dataset. GSM8K solutions of Qwen2.5-Instruct take ~150-400 tokens and
@@ -196,6 +206,7 @@ class Plan:
     config: dict
     gen: dict
     todo: bool  # some asked-for problem has no record yet
+    done: frozenset[str] = frozenset()  # ids with a record when the run started (output or a part)
 
 
 def response_files(out_dir: Path, label: str, dataset: str) -> tuple[Path, Path]:
@@ -224,15 +235,13 @@ def run_config(model: str, target: EvalTarget, dataset: str, data_source, dtype:
 
 
 def read_records(responses: Path) -> dict[str, dict]:
-    """Problem records already in a responses file, by problem id."""
-    if not responses.is_file():
-        return {}
-    done = {}
-    for n, rec in enumerate(read_jsonl(responses), start=1):
+    """Problem records already in a responses file and in its part files (torchrun), by problem id."""
+
+    def check(path: Path, n: int, rec: dict) -> None:
         if not isinstance(rec.get("id"), str) or not isinstance(rec.get("responses"), list):
-            raise ValueError(f"{responses}: record {n} has no 'id' or 'responses': not written by eval.py?")
-        done[rec["id"]] = rec
-    return done
+            raise ValueError(f"{path}: record {n} has no 'id' or 'responses': not written by eval.py?")
+
+    return {rec["id"]: rec for rec in dist.read_all(responses, check)}
 
 
 # ----------------------------------------------------------------------------- running
@@ -439,10 +448,33 @@ def plan_runs(args, targets: Sequence[EvalTarget], problems: dict[str, list[Prob
             data_sha = file_sha256(data_file(name, source=source))[:16]  # the content: a file edited in place is another run
             responses, config_path = response_files(out_dir, t.label, name)
             config = run_config(args.model, t, name, source, dtype_name, gen, data_sha)
-            check_run_config(config_path, config, [responses], ignore=("seed",) if args.temperature == 0 else ())  # greedy: no seed
-            missing = {p.id for p in probs} - set(read_records(responses))
-            plans.append(Plan(t, name, responses, config_path, config, gen, bool(missing)))
+            check_run_config(config_path, config, [responses, *dist.part_files(responses)],
+                             ignore=("seed",) if args.temperature == 0 else ())  # greedy: no seed
+            done = frozenset(read_records(responses))
+            plans.append(Plan(t, name, responses, config_path, config, gen, any(p.id not in done for p in probs), done))
     return plans
+
+
+def tidy_outputs(out_dir: Path, plans: Sequence[Plan]) -> None:
+    """Before a run writes (rank 0): remove what a killed one left, temporaries of a write and done notes of its ranks."""
+    remove_temp_files(out_dir)
+    for plan in plans:
+        dist.clear_done(plan.responses)
+
+
+def finish_plan(world: dist.World, plan: Plan, problems: Sequence[Problem], session: dict) -> dict | None:
+    """After a rank's share of a plan (its session numbers): rank 0 waits for every rank's done
+    note, rewrites the responses file from it and its parts in problem order, and returns the
+    numbers summed over ranks; the other ranks get None and go on with the next plan."""
+    if plan.todo:
+        sessions = dist.wait_for_ranks(world, plan.responses, session)
+        if sessions is None:
+            return None
+        session = {k: sum(s[k] for s in sessions) for k in session}
+    elif not world.is_main:
+        return None
+    dist.merge(plan.responses, [p.id for p in problems])  # a file already in order with no parts stays as it is
+    return session
 
 
 def result_row(plan: Plan, problems: Sequence[Problem], session: dict) -> dict:
@@ -479,6 +511,8 @@ __all__ = [
     "Plan",
     "plan_runs",
     "result_row",
+    "finish_plan",
+    "tidy_outputs",
     "check_options",
     "check_adapters_fit",
     "eval_max_len",

@@ -99,8 +99,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from minissb import grader, prompts
+from minissb import dist, grader, prompts
 from minissb.data import Problem, data_file, load_problems
+from minissb.dist import World, barrier
 from minissb.engine import Completion, Engine, Request
 from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_modules, lora_parameters, merge_lora
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
@@ -540,12 +541,14 @@ class MicroBatch:
     ref: torch.Tensor | None = None  # log pi_ref, when beta > 0
 
 
-def micro_batches(rollouts: list[Rollout], cfg: GRPOConfig, pad_id: int, device) -> list[MicroBatch]:
+def micro_batches(rollouts: list[Rollout], cfg: GRPOConfig, pad_id: int, device, world: World = World()) -> list[MicroBatch]:
     """The update's rollouts in forward-sized pieces, sorted by length (less padding), each with
-    its tokens' advantages and loss weights (computed over all rollouts: the pieces sum to the loss)."""
+    its tokens' advantages and loss weights (computed over all rollouts: the pieces sum to the loss).
+    Under torchrun a rank keeps every world-th rollout of that order (similar lengths per rank)."""
     rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
     weights = token_weights([len(r.completion_ids) for r in rollouts], cfg.loss_norm).split(
         [len(r.completion_ids) for r in rollouts])
+    rollouts, weights = rollouts[world.rank :: world.size], weights[world.rank :: world.size]
     out, mb = [], cfg.micro_batch_size
     for s in range(0, len(rollouts), mb):
         part = rollouts[s : s + mb]
@@ -557,7 +560,7 @@ def micro_batches(rollouts: list[Rollout], cfg: GRPOConfig, pad_id: int, device)
 def accumulate_gradients(model: Qwen2ForCausalLM, micro: list[MicroBatch], cfg: GRPOConfig, where: str = "") -> dict:
     """One forward and backward over every micro-batch: the whole update's loss gradient ends up
     in the LoRA weights' .grad. The first call fixes pi_old (and pi_ref) for the later inner steps."""
-    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "input_tokens": 0}
+    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "input_tokens": 0, "non_finite": 0}
     for mb in micro:
         if cfg.beta > 0 and mb.ref is None:
             mb.ref = reference_logprobs(model, mb.batch, cfg)
@@ -566,10 +569,11 @@ def accumulate_gradients(model: Qwen2ForCausalLM, micro: list[MicroBatch], cfg: 
         if mb.old is None:
             mb.old = lp.detach()  # on-policy: rho = 1 at the first inner step
         parts = grpo_loss(lp, mb.old, mb.advantages, mb.weights, cfg.clip_eps, cfg.beta, mb.ref)
-        if not torch.isfinite(parts.loss):
+        if not torch.isfinite(parts.loss):  # raised by policy_update after the sums: other ranks would wait forever
             ids = sorted({r.problem_id for r in mb.rollouts})
-            raise NonFiniteLossError(f"non-finite loss ({parts.loss.item()}) {where}, problems {', '.join(ids)}; "
-                                     f"lower --lr ({cfg.lr:g}) or check --beta ({cfg.beta:g})")
+            sums["non_finite"] += 1
+            sums.setdefault("bad", f"loss ({parts.loss.item()}) {where}, problems {', '.join(ids)}")
+            continue
         parts.loss.backward()
         sums["loss"] += parts.loss.item()
         sums["kl_sum"] += parts.kl_sum
@@ -580,18 +584,26 @@ def accumulate_gradients(model: Qwen2ForCausalLM, micro: list[MicroBatch], cfg: 
 
 
 def policy_update(model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, rollouts: list[Rollout], cfg: GRPOConfig,
-                  lrs: list[float], pad_id: int, where: str = "") -> dict:
+                  lrs: list[float], pad_id: int, where: str = "", world: World = World()) -> dict:
     """cfg.inner_steps AdamW steps on one sampled batch (lrs: one per inner step); their mean
-    loss, KL and clip fraction, and the last grad norm. No rollouts (every group all equal): no step."""
+    loss, KL and clip fraction, and the last grad norm. No rollouts (every group all equal): no step.
+    Under torchrun every rank holds all rollouts, does its share of the forwards and backwards,
+    and the gradients and sums are added over ranks before the (identical) AdamW step."""
     if not rollouts:
         return {"loss": None, "kl": None, "clip_frac": None, "grad_norm": None, "train_tokens": 0, "input_tokens": 0}
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    micro = micro_batches(rollouts, cfg, pad_id, model.device)
+    micro = micro_batches(rollouts, cfg, pad_id, model.device, world)
     losses, kls, clips, n_input, grad_norm = [], [], [], 0, 0.0
     for k, lr in enumerate(lrs):
         for group in optimizer.param_groups:
             group["lr"] = lr
         s = accumulate_gradients(model, micro, cfg, f"{where}, inner step {k + 1}")
+        bad = s.pop("bad", None)
+        s = dict(zip(s, dist.sum_floats(world, list(s.values()))))
+        if s["non_finite"]:
+            raise NonFiniteLossError(f"non-finite {bad or f'loss on another rank {where}'}; "
+                                     f"lower --lr ({cfg.lr:g}) or check --beta ({cfg.beta:g})")
+        dist.sum_grads(world, params)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if not math.isfinite(grad_norm):
@@ -630,6 +642,7 @@ class GRPORun:
     data_sha256: str
     info: dict  # run.json
     ssb: SSBRun | None = None
+    world: World = World()  # torchrun's ranks (minissb.dist); a world of one without it
 
     def lrs(self, step: int) -> list[float]:
         """The learning rate of each inner step of `step` (the schedule spans every optimizer step)."""
@@ -652,7 +665,7 @@ def training_problems(cfg: GRPOConfig) -> tuple[GRPOConfig, list[Problem], SSBRu
     return cfg, problems, ssb, digest.hexdigest(), system
 
 
-def load_policy(cfg: GRPOConfig, problems: list[Problem], system: str | None):
+def load_policy(cfg: GRPOConfig, problems: list[Problem], system: str | None, world: World = World()):
     """(model with a fresh LoRA, tokenizer, prompt ids per problem, engine, model dir)."""
     device, dtype = torch_device(cfg.device), torch_dtype(cfg.dtype)
     model_dir = resolve_model_dir(cfg.model)
@@ -668,40 +681,42 @@ def load_policy(cfg: GRPOConfig, problems: list[Problem], system: str | None):
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()  # only LoRA dropout reads it; the engine samples in eval mode
-    slots = cfg.batch_size or cfg.questions_per_step * cfg.group_size
+    slots = cfg.batch_size or math.ceil(cfg.questions_per_step / world.size) * cfg.group_size  # this rank's questions
     engine = Engine(model, slots, max_len, stop_ids=tok.stop_ids, tokenizer=tok, cuda_graphs=cfg.cuda_graphs)
     return model, tok, prompt_ids, engine, model_dir
 
 
-def start_run(cfg: GRPOConfig, say=print) -> GRPORun:
+def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
     """Load the problems, the model and its adapter, and continue from the newest checkpoint when
     rerun; writes run.json. Refusals (other settings over a run with something to lose) come
-    before the model loads."""
+    before the model loads. Under torchrun every rank loads the same and rank 0 alone writes."""
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     cfg, problems, ssb, data_sha, system = training_problems(cfg)
     fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
     resume, note = resume_plan(out, cfg.resume, fingerprint, data_sha, data_name="training problems")
-    model, tok, prompt_ids, engine, model_dir = load_policy(cfg, problems, system)
+    barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
+    model, tok, prompt_ids, engine, model_dir = load_policy(cfg, problems, system, world)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(problems) / cfg.questions_per_step)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     warmup_steps = round(cfg.warmup_ratio * total_steps * cfg.inner_steps)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / "checkpoints", out / "adapter"):
-        remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
     start_step = load_checkpoint(out, model, optimizer, model.device, fingerprint, data_sha, "training problems")["step"] if resume else 0
     base_copy = None if cfg.sample_unmerged else base_weight_copy(model)  # after loading: the base weights only
-    truncate_metrics(out / "metrics.jsonl", start_step)
-    info = {"config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_problems": len(problems),
+    info = {"world_size": world.size, "config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_problems": len(problems),
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "optimizer_steps": total_steps * cfg.inner_steps,
             "warmup_steps": warmup_steps, "device": str(model.device), "model_dir": str(model_dir),
             "engine_slots": engine.num_slots, "engine_max_len": engine.max_len,
             "trainable_params": sum(p.numel() for p in lora_parameters(model)),
             "match_ssb": None if ssb is None else {"dir": str(ssb.dir), "pairs": str(ssb.pairs), "n_pairs": len(ssb.problem_ids),
                                                    "total_steps": ssb.total_steps, "train_seconds": ssb.train_seconds}}
-    atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "checkpoints", out / "adapter"):
+            remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
+        truncate_metrics(out / "metrics.jsonl", start_step)
+        atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
 
     Q, G = cfg.questions_per_step, cfg.group_size
     say(f"{len(problems)} problems, {Q} questions x {G} completions per step, {steps_per_epoch} steps/epoch x {cfg.epochs} "
@@ -709,12 +724,12 @@ def start_run(cfg: GRPOConfig, say=print) -> GRPORun:
         f"parameters on {model.device}; sampling {'unmerged' if cfg.sample_unmerged else 'merged'}, {engine.num_slots} slots")
     if ssb is not None:
         say(ssb_budget_line(ssb, seed_matches=cfg.seed == ssb.seed))
-        for line in ssb_mismatches(ssb, cfg, system):
+        for line in ssb_mismatches(ssb, cfg, system) if world.is_main else []:
             warnings.warn(f"--match-ssb: {line}: the comparison is not like for like")
     for line in filter(None, [note, start_step and f"resuming from step {start_step} of {total_steps}"]):
         say(line)
     return GRPORun(cfg, model, tok, engine, optimizer, problems, prompt_ids, base_copy, steps_per_epoch, total_steps,
-                   warmup_steps, start_step, fingerprint, data_sha, info, ssb)
+                   warmup_steps, start_step, fingerprint, data_sha, info, ssb, world)
 
 
 def ssb_budget_line(ssb: SSBRun, seed_matches: bool) -> str:

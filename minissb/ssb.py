@@ -28,6 +28,18 @@ problems still in flight. A restart with the same arguments reads both files, cu
 half-written last line, and continues with the problems that have no record. The run's
 arguments are stored in `<stem>.run.json` beside the outputs; a restart with different
 arguments refuses instead of mixing two runs in one file.
+
+Several ranks (torchrun, minissb.dist): every rank reads the records of the output and of
+every part file before any rank writes, takes problem i of those left (i % world), and appends
+to its own parts (pairs.rank1.jsonl, pairs.skipped.rank1.jsonl) and its own part summary
+(pairs.summary.rank1.json: its tokens and seconds); targets go into the one shared folder, a
+file per pair. At the end of a session rank 0 merges the records in problem order - one
+process does the same - and writes pairs.summary.json: counts from the merged records, tokens
+and seconds summed over ranks (generation_seconds are then rank-seconds). With --num-pairs, a
+rank stops once the pairs of all ranks (it counts the lines of the others' parts) reach the
+number; ranks finishing at the same moment can keep up to world - 1 extra pairs, and which
+problems were in flight when it stopped differs from one process. A run that ends by --limit
+(every problem decided) writes the same files at every world size.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,10 +55,10 @@ from typing import Sequence
 
 import torch
 
-from minissb import gates, grader, prompts
+from minissb import dist, gates, grader, prompts
 from minissb.data import Problem
 from minissb.engine import Request
-from minissb.runs import append_jsonl, problem_seed, read_jsonl, write_json_atomic
+from minissb.runs import append_jsonl, problem_seed, write_json_atomic
 from minissb.targets import CapturedTargets
 
 
@@ -264,6 +277,10 @@ class RunFiles:
     def targets(self) -> Path:
         return self.stem.with_name(self.stem.name + ".targets")
 
+    def outputs(self) -> list[Path]:
+        """The record files of the run: pairs, skipped and the part files of either."""
+        return [self.pairs, self.skipped, *dist.part_files(self.pairs), *dist.part_files(self.skipped)]
+
     def read_summary(self) -> dict | None:
         """The summary of the earlier sessions of this run (their token and time totals), if readable."""
         try:
@@ -273,24 +290,30 @@ class RunFiles:
 
 
 def read_done(files: RunFiles) -> tuple[list[dict], list[dict]]:
-    """The records already written (pairs, skipped), checked for the fields a resume needs."""
-    out = []
-    for path in (files.pairs, files.skipped):
-        records = read_jsonl(path) if path.is_file() else []
-        for n, rec in enumerate(records, start=1):
-            if not isinstance(rec.get("id"), str) or (path == files.skipped and "reason" not in rec):
-                raise ValueError(f"{path}: record {n} has no 'id'{' or reason' if path == files.skipped else ''}: not written by sample.py?")
-        out.append(records)
-    return out[0], out[1]
+    """The records already written (pairs, skipped; the output and every rank's part), checked
+    for the fields a resume needs."""
+
+    def check(skips: bool):
+        def one(path: Path, n: int, rec: dict) -> None:
+            if not isinstance(rec.get("id"), str) or (skips and "reason" not in rec):
+                raise ValueError(f"{path}: record {n} has no 'id'{' or reason' if skips else ''}: not written by sample.py?")
+        return one
+
+    return dist.read_all(files.pairs, check(False)), dist.read_all(files.skipped, check(True))
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-class RunStats:
-    """Counts for the run summary; rebuilt from the files on restart, so they cover the whole run."""
+# What a summary carries from session to session and sums over ranks; the counts come from the records.
+TOTALS = ("rollout_tokens", "teacher_tokens", "generation_seconds", "target_bytes", "target_rows")
 
-    def __init__(self, pairs: list[dict], skipped: list[dict], previous: dict | None):
+
+class RunStats:
+    """Counts for the run summary; rebuilt from the files on restart, so they cover the whole run.
+    Under torchrun (part = an id of this rank's session) a save writes only this rank's TOTALS."""
+
+    def __init__(self, pairs: list[dict], skipped: list[dict], previous: dict | None, part: str | None = None):
         self.pairs = len(pairs)
         self.skipped = Counter(r["reason"] for r in skipped)
         self.gates_fired = Counter()
@@ -305,6 +328,7 @@ class RunStats:
         self.target_bytes = int(prev.get("target_bytes", 0))
         self.target_rows = int(prev.get("target_rows", 0))
         self.sessions = int(prev.get("sessions", 0)) + 1
+        self.part = part
         self._clock = time.perf_counter()  # save() adds the time since the last save
 
     def save(self, path: Path) -> dict:
@@ -312,7 +336,7 @@ class RunStats:
         now = time.perf_counter()
         self.generation_seconds += now - self._clock
         self._clock = now
-        summary = self.to_dict()
+        summary = self.to_dict() if self.part is None else {"part": self.part, **{k: getattr(self, k) for k in TOTALS}}
         write_json_atomic(path, summary)
         return summary
 
@@ -333,6 +357,76 @@ class RunStats:
             "target_rows": self.target_rows,
             "sessions": self.sessions,
         }
+
+
+def _read_part_summary(path: Path) -> dict | None:
+    try:
+        part = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # only that rank's totals are lost; the counts come from the records
+    return part if isinstance(part, dict) and isinstance(part.get("part"), str) else None
+
+
+def merge_summaries(files: RunFiles, pairs: list[dict], skipped: list[dict]) -> dict | None:
+    """Rank 0: fold the part summaries into the summary (counts from the records, the earlier
+    totals plus every part's; the parts, one session's ranks, count as one more session), then
+    delete them. A part whose id the summary lists was folded in already, by a merge killed
+    before it deleted the parts. Returns the new summary, None when nothing was folded."""
+    parts = dist.part_files(files.summary)
+    previous = files.read_summary() or {}
+    folded = set(previous.get("merged_parts", []))
+    new = [q for q in map(_read_part_summary, parts) if q is not None and q["part"] not in folded]
+    summary = None
+    if new:
+        stats = RunStats(pairs, skipped, previous)
+        for part in new:
+            for k in TOTALS:
+                setattr(stats, k, getattr(stats, k) + part.get(k, 0))
+        summary = {**stats.to_dict(), "merged_parts": [q["part"] for q in new]}
+        write_json_atomic(files.summary, summary)
+    for p in parts:
+        p.unlink()
+    return summary
+
+
+def start_run(files: RunFiles, world: dist.World) -> tuple[RunStats, set[str], dist.PartLines]:
+    """What a session starts from, the same on every rank: the records of the output and of every
+    part, read by all ranks before any rank writes (so all split the same problems left), the
+    stats they give, and a count of the other ranks' pairs from here on. Rank 0 first tidies
+    what a killed session left: part summaries (folded in) and done notes."""
+    if world.is_main:
+        for path in (files.pairs, files.skipped):  # both exist from the start, empty or not, for the next stage
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    pairs, skipped = read_done(files)
+    others = dist.PartLines(files.pairs, world)  # before anyone appends
+
+    def tidy():
+        merge_summaries(files, pairs, skipped)
+        dist.clear_done(files.pairs)
+
+    dist.on_main(world, tidy)  # the barrier: from here on every rank appends
+    part = uuid.uuid4().hex if world.distributed else None
+    stats = RunStats(pairs, skipped, None if part else files.read_summary(), part)  # the counts and totals of earlier sessions
+    return stats, {r["id"] for r in (*pairs, *skipped)}, others
+
+
+def merge_records(files: RunFiles, problems: Sequence[Problem]) -> tuple[list[dict], list[dict]]:
+    """Rank 0: pairs and skipped files rewritten in problem order from the output and every part."""
+    order = [p.id for p in problems]
+    return dist.merge(files.pairs, order), dist.merge(files.skipped, order)
+
+
+def finish_run(files: RunFiles, problems: Sequence[Problem], stats: RunStats, world: dist.World) -> dict:
+    """End of a session: save this rank's totals and leave its done note; rank 0 waits for every
+    rank, merges the records in problem order and, under torchrun, folds the part summaries in.
+    Returns the run's summary on rank 0, a rank's own totals elsewhere."""
+    own = stats.save(dist.write_path(files.summary, world))
+    dist.wait_for_ranks(world, files.pairs)
+    if not world.is_main:
+        return own
+    pairs, skipped = merge_records(files, problems)
+    return (merge_summaries(files, pairs, skipped) or own) if world.distributed else own
 
 
 def format_summary(summary: dict) -> str:
@@ -358,8 +452,10 @@ class Stage1:
     run_stage1 below is the loop that drives it."""
 
     def __init__(self, tokenizer, files: RunFiles, opts: Stage1Options, model_name: str, stats: RunStats,
-                 targets: CapturedTargets | None):
+                 targets: CapturedTargets | None, world: dist.World = dist.World()):
         self.tok, self.files, self.opts, self.model_name, self.stats, self.targets = tokenizer, files, opts, model_name, stats, targets
+        # The files this process appends to: the outputs in one process, this rank's parts under torchrun.
+        self.pairs_out, self.skipped_out = dist.write_path(files.pairs, world), dist.write_path(files.skipped, world)
 
     def _request(self, prompt_ids, tag, *, samples, temperature, max_new_tokens, seed_tag, problem, capture=False):
         o = self.opts
@@ -384,7 +480,7 @@ class Stage1:
             info["texts"] = texts
         if sel.reason:
             record = {"id": problem.id, "dataset": problem.dataset, "reason": sel.reason, "question": problem.question, "gold": problem.gold, "rollouts": info}
-            append_jsonl(self.files.skipped, [record])
+            append_jsonl(self.skipped_out, [record])
             self.stats.skipped[sel.reason] += 1
             return None
         correct_text, wrong_text = texts[sel.correct_index], texts[sel.wrong_index]
@@ -409,7 +505,7 @@ class Stage1:
             record.update(reason=reason, question=problem.question, gold=problem.gold, teacher_answer=answer, finish_reason=comp.finish_reason,
                           gates=result.to_dict(), solution=solution, solution_ids=solution_ids, teacher_chat=chat,
                           student_chat=prompts.student_chat(problem.question, self.opts.system_prompt), rollouts=info)  # for inspection, or training on rejects
-            append_jsonl(self.files.skipped, [record])
+            append_jsonl(self.skipped_out, [record])
             self.stats.skipped[reason] += 1
             return
         record.update(question=problem.question, gold=problem.gold, student_chat=prompts.student_chat(problem.question, self.opts.system_prompt), teacher_chat=chat,
@@ -419,7 +515,7 @@ class Stage1:
             hidden = comp.hidden if self.opts.targets_dtype is None else comp.hidden.to(getattr(torch, self.opts.targets_dtype))
             self.stats.target_bytes += self.targets.write(problem.id, solution_ids, hidden)
             self.stats.target_rows += hidden.shape[0]
-        append_jsonl(self.files.pairs, [record])
+        append_jsonl(self.pairs_out, [record])
         self.stats.pairs += 1
 
 
@@ -459,5 +555,9 @@ __all__ = [
     "Stage1",
     "RunStats",
     "read_done",
+    "start_run",
+    "finish_run",
+    "merge_records",
+    "merge_summaries",
     "stage1_max_len",
 ]

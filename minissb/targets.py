@@ -17,6 +17,9 @@ Layout, in `<pairs stem>.targets/`:
     meta.json                        {"format", "model", "teacher_dtype", "dtype", "hidden_size"}
     <pair id, made safe>.safetensors "hidden" (S+1, hidden_size); metadata: id, solution_sha256
 
+Under torchrun every rank writes its pairs' files into the one folder; rank 0 alone writes
+meta.json and removes orphans, before the others start.
+
 Crash safety: a pair's file is written whole (atomic_write) BEFORE its line is appended to the
 pairs file, so a pair never lacks its targets; a killed run can leave a file whose pair line was
 never written, and the next start removes such orphans (and temporaries). Rejected solutions
@@ -71,10 +74,11 @@ class CapturedTargets:
     # -- writing (sample.py)
 
     def open_for_writing(self, model: str, teacher_dtype: torch.dtype, dtype: torch.dtype, hidden_size: int,
-                         kept_ids: Iterable[str]) -> None:
+                         kept_ids: Iterable[str], clean: bool = True) -> None:
         """Create the folder (or check it belongs to this model and these dtypes: the teacher ran in
         teacher_dtype, rows are stored in dtype) and remove what a killed run left: temporaries
-        and the files of pairs that were never recorded."""
+        and the files of pairs that were never recorded. clean=False (the other ranks under
+        torchrun, after rank 0 opened it): only the check, the folder is left as it is."""
         meta = {"format": FORMAT, "model": model, "teacher_dtype": dtype_name(teacher_dtype), "dtype": dtype_name(dtype),
                 "hidden_size": hidden_size}
         if self.meta_path.is_file():
@@ -83,7 +87,10 @@ class CapturedTargets:
                 diff = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in meta.items() if stored.get(k) != v)
                 raise ValueError(f"{self.dir} holds targets captured with other settings ({diff}): pass a new --out")
         else:
+            assert clean, f"{self.meta_path} is written by rank 0 before the other ranks open the folder"
             write_json_atomic(self.meta_path, meta)
+        if not clean:
+            return  # rank 0 has removed the leftovers already
         remove_temp_files(self.dir)
         keep = {_file_name(i) for i in kept_ids}
         for f in self.dir.glob("*.safetensors"):

@@ -35,11 +35,19 @@ case "${1:?stage: probe | variants | stage1 | train | train-copy | eval}" in
     python train.py --model "$M" --pairs $RUN/stage1/pairs.jsonl --out $RUN/train --plot --save-every 4
     mkdir -p $RES/train && cp $RUN/train/{metrics.jsonl,metrics.png,run.json} $RES/train/ ;;
   train-copy) # a second student on the pairs only the copy gate rejected (online teacher: rejects store no targets)
-    python - <<'PY'
+    python - <<PY
 import json
 rows = [json.loads(l) for l in open("runs/ssb-coder1.5b-cpu/stage1/pairs.skipped.jsonl")]
 keep = [r for r in rows if r["reason"] == "copy" and r["gates"]["fired"] == ["copy"]]
 print(f"{len(keep)} pairs rejected by the copy gate alone")
+# Stage 1 ran at commit a5a6a18, which did not yet store these two fields on rejected records:
+# the student chat is the default one, the solution's ids are its text encoded again.
+from minissb import prompts
+from minissb.tokenizer import Tokenizer
+tok = Tokenizer.from_dir("${M}")
+for r in keep:
+    r.setdefault("student_chat", prompts.student_chat(r["question"]))
+    r.setdefault("solution_ids", tok.encode(r["solution"]))
 with open("runs/ssb-coder1.5b-cpu/copy-pairs.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in keep)
 PY
