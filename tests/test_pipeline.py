@@ -12,12 +12,15 @@ no ../shared and no scripted generator: all three CLIs run as they would on Qwen
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed
+from safetensors.torch import load_file
 
 from minissb.model import from_pretrained, save_pretrained
 from minissb.testing import build_tiny_model
@@ -116,21 +119,44 @@ def test_sample_train_eval(tmp_path):
     assert results[1]["accuracy"] == sum(r["responses"][0]["correct"] for r in adapter_records) / 6
 
 
-@pytest.mark.slow
-def test_pipeline_script_runs_ssb_grpo_and_one_table(tmp_path):
-    """pipeline.sh, the README's one command, on the answering model: every step runs and the
-    table has base, SSB and GRPO rows (the model is not meant to learn anything here)."""
-    model = build_answering_model(tmp_path / "model")
+def run_pipeline(tmp_path, model, out: str, launch: str = "python") -> Path:
     train_data = write_problems(tmp_path / "train.jsonl", 8, "Which number do I think of, puzzle")
     test_data = write_problems(tmp_path / "test.jsonl", 4, "Guess my number, round")
     common = "--device cpu --dtype fp32 --no-progress"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MODEL=str(model), OUT="runs/p",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MODEL=str(model), OUT=out,
+               LAUNCH=launch,
                SAMPLE_ARGS=f"{common} --data {train_data} --max-new-tokens 16",
                TRAIN_ARGS=f"{common} --batch-size 2 --epochs 1 --lora-r 4 --lora-alpha 8",
                GRPO_ARGS=f"{common} --data {train_data} -G 4 --max-new-tokens 16 --lora-r 4 --lora-alpha 8",
                EVAL_ARGS=f"{common} --datasets gsm8k --data gsm8k={test_data} --max-new-tokens 16")
-    out = subprocess.run(["bash", str(REPO / "pipeline.sh")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    results = json.loads((tmp_path / "runs/p/eval/results.json").read_text())["results"]
+    done = subprocess.run(["bash", str(REPO / "pipeline.sh")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tmp_path / out
+
+
+@pytest.mark.slow
+def test_pipeline_script_runs_ssb_grpo_and_one_table(tmp_path):
+    """pipeline.sh, the README's one command, on the answering model: every step runs and the
+    table has base, SSB and GRPO rows (the model is not meant to learn anything here); then the
+    same under torchrun with two gloo ranks gives the same pairs, adapters and table."""
+    model = build_answering_model(tmp_path / "model")
+    one = run_pipeline(tmp_path, model, "runs/p")
+    results = json.loads((one / "eval/results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["base", "ssb", "grpo"]
     assert all(r["problems"] == 4 for r in results)
+
+    if not torch.distributed.is_available():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = run_pipeline(tmp_path, model, "runs/p2", f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_port {port}")
+    assert (two / "pairs.jsonl").read_bytes() == (one / "pairs.jsonl").read_bytes()
+    assert (two / "eval/ssb__gsm8k.jsonl").read_bytes() == (one / "eval/ssb__gsm8k.jsonl").read_bytes()
+    for run in ("ssb", "grpo"):
+        a, b = (load_file(d / run / "adapter/adapter_model.safetensors") for d in (one, two))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+        assert json.loads((two / run / "run.json").read_text())["world_size"] == 2
+    rows = json.loads((two / "eval/results.json").read_text())["results"]
+    assert [(r["model"], r["accuracy"]) for r in rows] == [(r["model"], r["accuracy"]) for r in results]
