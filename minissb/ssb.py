@@ -449,7 +449,7 @@ def format_summary(summary: dict) -> str:
 
 class Stage1:
     """The per-problem steps of a run: the requests it sends and what it does with each output.
-    run_stage1 below is the loop that drives it."""
+    sample.py's stage1() is the loop that drives it."""
 
     def __init__(self, tokenizer, files: RunFiles, opts: Stage1Options, model_name: str, stats: RunStats,
                  targets: CapturedTargets | None, world: dist.World = dist.World()):
