@@ -12,7 +12,15 @@ RUN=runs/ssb-coder1.5b-cpu
 RES=results/ssb-coder1.5b-cpu
 HINT=${HINT:-}   # the hinted-prompt variant chosen by the probe, e.g. "--hint-order wrong-first"
 
-case "${1:?stage: probe | variants | stage1 | train | train-copy | eval}" in
+case "${1:?stage: restore | probe | variants | stage1 | train | train-copy | eval}" in
+  restore)   # a new machine: put the committed outputs of the finished stages back under runs/
+    # (the captured targets are not committed, so train falls back to the online teacher there)
+    mkdir -p $RUN/stage1 $RUN/eval-gsm8k
+    [ -e $RUN/stage1/pairs.jsonl ] || cp $RES/stage1/pairs.{jsonl,skipped.jsonl,summary.json,run.json} $RUN/stage1/
+    for f in $RES/eval/*__*.jsonl; do
+      d=$RUN/eval-$(basename "$f" .jsonl | sed 's/.*__//'); mkdir -p "$d"
+      [ -e "$d/$(basename "$f")" ] || cp "$f" "${f%.jsonl}.run.json" "$d/"
+    done ;;
   probe)     # stage 1 on the first 40 problems, rollout texts kept, default prompt
     python sample.py --model "$M" --data "$DATA" --limit 40 --max-new-tokens 512 --keep-rollouts \
       --num-pairs 1000 --out $RUN/probe/pairs.jsonl
@@ -32,7 +40,9 @@ case "${1:?stage: probe | variants | stage1 | train | train-copy | eval}" in
       --out $RUN/stage1/pairs.jsonl
     mkdir -p $RES/stage1 && cp $RUN/stage1/pairs.{jsonl,skipped.jsonl,summary.json,run.json} $RES/stage1/ ;;
   train)     # the paper's settings (r=32, alpha=32, T=2, batch 4, 3 epochs, lr 2e-4), captured targets
-    python train.py --model "$M" --pairs $RUN/stage1/pairs.jsonl --out $RUN/train --plot --save-every 4
+    teacher=captured   # the online teacher is the same weights on the same hinted prompt, recomputed
+    [ -d $RUN/stage1/pairs.targets ] || { teacher=online; echo "no captured targets here: --teacher online"; }
+    python train.py --model "$M" --pairs $RUN/stage1/pairs.jsonl --out $RUN/train --teacher $teacher --plot --save-every 4
     mkdir -p $RES/train && cp $RUN/train/{metrics.jsonl,metrics.png,run.json} $RES/train/ ;;
   train-copy) # a second student on the pairs only the copy gate rejected (online teacher: rejects store no targets)
     python - <<PY
