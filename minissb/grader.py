@@ -2,10 +2,8 @@
 
 Every SSB stage turns on this module: which rollouts are right, which wrong answer is the
 most common one, whether the teacher's solution is still right, and the accuracy tables.
-
-This file is what every dataset needs. The LaTeX parser, MATH500's answer structures and the
-comparison by value (exact, mpmath, sympy) are minissb.mathgrade, called here in three places:
-mathgrade.rational (numbers), mathgrade.parse_answer and mathgrade.answers_equal (compare).
+This file is what every dataset needs; the LaTeX parser, MATH500's answer structures and the
+comparison by value are minissb.mathgrade (rational, parse_answer, answers_equal).
 
 Read top to bottom:
   extract  the content of the last \\boxed{...} (for a list gold, the boxes that end the
@@ -13,15 +11,14 @@ Read top to bottom:
            ended on its own, a per-dataset answer phrase
   clean    string-level LaTeX cosmetics: $, \\left, \\dfrac, units, degrees, \\%, \\!
   numbers  a GSM8K/AIME answer as an exact rational: 1,080 / \\$18.00 / 50\\% / x = 5
-  compare  is_equivalent: as numbers where the dataset's gold is one, else as structures
-           (minissb.mathgrade); grade = extract_answer + is_equivalent
+  compare  is_equivalent: as numbers where the dataset's gold is one, else as structures;
+           grade = extract_answer + is_equivalent
   group    group_answers: equivalent answers in one group, by is_equivalent itself (SSB's
            most common wrong answer, eval's majority vote)
 
-Bounded time on any input: extraction is linear, reads only the tail for fallbacks and
-joins at most MAX_JOINED_BOXES boxes, each sought within one answer's length of the next;
-answers longer than MAX_ANSWER_CHARS are compared as strings; minissb.mathgrade bounds the
-rest (nesting, powers, factorials, sympy's time).
+Bounded time on any input: extraction is linear, reads only the tail for fallbacks and joins
+at most MAX_JOINED_BOXES boxes, each sought within one answer's length of the next; answers
+longer than MAX_ANSWER_CHARS are compared as strings; minissb.mathgrade bounds the rest.
 """
 
 from __future__ import annotations
@@ -31,10 +28,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from minissb import mathgrade
-# The parser's bounds, public here too; MAX_ANSWER_CHARS also bounds extraction and numbers.
-from minissb.mathgrade import (  # noqa: F401
-    MAX_ANSWER_CHARS, MAX_DEPTH, MAX_DIGITS, MAX_EXACT_BITS, SYMPY_SECONDS,
-)
+from minissb.mathgrade import MAX_ANSWER_CHARS  # also bounds extraction and numbers here
 
 DATASETS = ("gsm8k", "math500", "aime24")
 TAIL_CHARS = 2000  # fallback phrases are searched in the response's last characters only
@@ -53,29 +47,29 @@ _PHRASE_RE = re.compile(r"(?:final answer|the answer)(?:\s+is|\s*[:=])?[\s*:]*([
 _MATH_SPAN_RE = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 
 
+def _closing_brace(text: str, j: int, end: int | None = None) -> int:
+    """Index of the } that closes the { at text[j], looking no further than `end`; else -1."""
+    depth = 0
+    for m in _BRACE_RE.finditer(text, j, len(text) if end is None else end):
+        depth += {"{": 1, "}": -1}.get(m.group(), 0)
+        if depth == 0:
+            return m.start()
+    return -1
+
+
 def _box_start(text: str, lo: int, hi: int) -> int:
     """Index of the last \\boxed / \\fbox starting in text[lo:hi], or -1."""
     return max(text.rfind("\\boxed", lo, hi), text.rfind("\\fbox", lo, hi))
 
 
 def _box_at(text: str, i: int, end: int) -> tuple[str | None, int]:
-    """(content, index after it) of the box at text[i], read no further than `end`.
-
-    Content None when the box does not close before `end` (the output stopped inside it).
-    """
+    """(content, index after it) of the box at text[i]; None if it does not close by `end`."""
     j = i + (6 if text.startswith("\\boxed", i) else 5)
     while j < end and text[j].isspace() and j < i + 100:
         j += 1
     if j < end and text[j] == "{":
-        depth = 0
-        for m in _BRACE_RE.finditer(text, j, end):
-            if m.group() == "{":
-                depth += 1
-            elif m.group() == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[j + 1 : m.start()].strip(), m.end()
-        return None, end
+        k = _closing_brace(text, j, end)
+        return (text[j + 1 : k].strip(), k + 1) if k >= 0 else (None, end)
     m = re.match(r"[^\s$]+", text[j : min(j + 200, end)])  # `\boxed 5`
     return (m.group().rstrip(".,;"), j + m.end()) if m else (None, j)
 
@@ -92,9 +86,7 @@ MAX_JOINED_BOXES = 10  # the longest list gold in MATH500 has 3 elements
 
 def _boxes_before(text: str, i: int) -> list[str]:
     """Contents of the boxes joined to the box at text[i] by connectors only, in text order.
-
-    Each step looks back at most one answer and one gap: bounded on any input.
-    """
+    Each step looks back at most one answer and one gap: bounded on any input."""
     out: list[str] = []
     while len(out) < MAX_JOINED_BOXES - 1:
         k = _box_start(text, max(0, i - MAX_ANSWER_CHARS - BOX_GAP_CHARS), i)
@@ -134,35 +126,24 @@ def _phrase_answer(s: str) -> str | None:
         s = next(g for g in m.groups() if g is not None)
     else:  # plain text: stop at the end of the sentence ("18. I hope", "18, which is")
         s = re.split(r"\.\s|,\s+(?=[a-zA-Z]{2})", s, maxsplit=1)[0]
-    s = s.strip().rstrip(".,;").strip()
-    return s or None
+    return s.strip().rstrip(".,;").strip() or None
 
 
 def extract_answer(
-    text: str,
-    dataset: str,
-    *,
-    fallback: bool = True,
-    finished: bool = True,
+    text: str, dataset: str, *, fallback: bool = True, finished: bool = True,
     gold: str | None = None,
 ) -> str | None:
     """The final answer written in a model response, or None when there is none.
 
-    The content of the LAST \\boxed{...} (also \\fbox{...} and `\\boxed 5`), nested braces
-    allowed. A box that never closes means the response was cut off: None.
-
-    gold: when given and it is several values (a solution list, a set, a \\pm), the boxes
-    that end the response together, joined only by connectors on one line ("$\\boxed{2}$
-    and $\\boxed{-3}$"), are read as one list "2, -3". A single-value gold (or none) reads
-    the last box alone: a rollout that boxes intermediate values is judged by its last.
-
-    Without a box, and only with fallback=True and finished=True, the last answer phrase in
-    the response's tail: "#### X" (gsm8k only), "The answer is X", "Final answer: X" (first
-    $...$ span of that line if any). finished=False says the response was cut off by the
-    token limit: a phrase there may be about a part of the problem, so only a box counts.
-    fallback=False: the last box or nothing. A bare trailing number is never taken: in a
-    truncated rollout it is an intermediate value, and counting it would mark unfinished
-    work as correct.
+    The content of the LAST \\boxed{...} (also \\fbox{...}, `\\boxed 5`), nested braces allowed;
+    a box that never closes means the response was cut off: None. For a gold of several
+    values (a list, a set, a \\pm), the boxes that end the response together, joined only by
+    connectors on one line ("$\\boxed{2}$ and $\\boxed{-3}$"), are one list "2, -3"; else a
+    rollout that boxes intermediate values is judged by its last box.
+    Without a box, only with fallback=True and finished=True (not cut off by the token limit,
+    where a phrase may be about a part of the problem), the last answer phrase in the tail:
+    "#### X" (gsm8k), "The answer is X", "Final answer: X" (its first $...$ span if any).
+    Never a bare trailing number: in a truncated rollout that is an intermediate value.
     """
     _check_dataset(dataset)
     if not isinstance(text, str):
@@ -176,21 +157,18 @@ def extract_answer(
     if not (fallback and finished):
         return None
     tail = text[-TAIL_CHARS:]
-    if dataset == "gsm8k":
-        hits = _HASH_RE.findall(tail)
-        if hits:
-            return _phrase_answer(hits[-1])
-    hits = _PHRASE_RE.findall(tail)
+    hits = _HASH_RE.findall(tail) if dataset == "gsm8k" else []
+    hits = hits or _PHRASE_RE.findall(tail)
     return _phrase_answer(hits[-1]) if hits else None
 
 
 # ----------------------------------------------------------------------------- cleaning
 
-_UNICODE = {
+_UNICODE = str.maketrans({
     "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u00b7": "\\cdot ",
     "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u221a": "\\sqrt", "\u2264": "\\leq ",
     "\u2265": "\\geq ", "\u00b0": "", "\u00a0": " ", "\u222a": "\\cup ",
-}
+})
 _TEXT_CMDS = r"text|textbf|textit|textrm|textnormal|textsf|texttt|mbox|hbox"
 _FONT_CMDS = r"mathrm|mathbf|mathit|mathsf|boldsymbol|operatorname|mathbb"
 _WRAP_RE = re.compile(rf"\\({_TEXT_CMDS}|{_FONT_CMDS}|boxed|fbox)\s*\{{")
@@ -240,37 +218,29 @@ def _unwrap(s: str) -> str:
         m = _WRAP_RE.search(s)
         if not m:
             break
-        depth, end = 0, None
-        for b in _BRACE_RE.finditer(s, m.end() - 1):
-            depth += {"{": 1, "}": -1}.get(b.group(), 0)
-            if depth == 0:
-                end = b.start()
-                break
-        if end is None:  # unbalanced: drop the command name only
+        end = _closing_brace(s, m.end() - 1)
+        if end < 0:  # unbalanced: drop the command name only
             s = s[: m.start()] + s[m.end() - 1 :]
             continue
-        body = s[m.end() : end]
         pad = " " if re.fullmatch(_TEXT_CMDS, m.group(1)) else ""
-        s = s[: m.start()] + pad + body + pad + s[end + 1 :]
+        s = s[: m.start()] + pad + s[m.end() : end] + pad + s[end + 1 :]
     return s
 
 
 def _clean(s: str) -> str:
-    for k, v in _UNICODE.items():
-        if k in s:
-            s = s.replace(k, v)
-    s = _unwrap(s)
+    s = _unwrap(s.translate(_UNICODE))
     s = _REPEATING_RE.sub(_repeating_decimal, s)  # 1.\overline{3}
     for pattern, repl in _CLEAN_SUBS:
         s = pattern.sub(repl, s)
-    s = _UNIT_TAIL_RE.sub("", s)
-    s = s.strip().rstrip(".").strip()
+    s = _UNIT_TAIL_RE.sub("", s).strip().rstrip(".").strip()
     if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # 58,500 (a whole-answer number)
         s = s.replace(",", "")
     return s
 
 
 # ----------------------------------------------------------------------------- numbers
+# Both parses are cached (gold answers repeat across calls), but not for long strings: a
+# megabyte key would stay in memory.
 
 
 def _number(answer: str) -> Fraction | None:
@@ -293,15 +263,9 @@ def _number_cached(answer: str) -> Fraction | None:
     return mathgrade.rational(s)
 
 
-def _gold_text(gold: str, dataset: str) -> str:
-    if dataset == "gsm8k" and "####" in gold:  # a whole GSM8K solution was passed
-        return gold.rsplit("####", 1)[1]
-    return gold
-
-
 def _parse_answer(answer: str):
-    """The structure of a MATH-style answer (cached: gold answers repeat across calls)."""
-    if len(answer) > MAX_ANSWER_CHARS:  # not cached: a megabyte key would stay in memory
+    """The structure of a MATH-style answer (see minissb.mathgrade)."""
+    if len(answer) > MAX_ANSWER_CHARS:
         return mathgrade.as_string(answer)
     return _parse_answer_cached(answer)
 
@@ -309,6 +273,12 @@ def _parse_answer(answer: str):
 @lru_cache(maxsize=16384)
 def _parse_answer_cached(answer: str):
     return mathgrade.parse_answer(_clean(answer))
+
+
+def _gold_text(gold: str, dataset: str) -> str:
+    if dataset == "gsm8k" and "####" in gold:  # a whole GSM8K solution was passed
+        return gold.rsplit("####", 1)[1]
+    return gold
 
 
 # ----------------------------------------------------------------------------- public API
@@ -319,15 +289,11 @@ def is_equivalent(pred: str | None, gold: str, dataset: str) -> bool:
 
     gsm8k, aime24: both sides as exact numbers (commas, $, %, units, 18.00, 025, \\frac{1}{2}
     = 0.5, "x = 5"); a gold that is not a number is compared like math500.
-    math500: LaTeX answers compared by structure (tuple/interval brackets, sets, unordered
-    solution lists, \\pm, matrices, equations, "y = ..." vs the bare right side) and per
-    element by value: exact for rationals, otherwise numeric at three points plus sympy.
-    Also: (1,2,3) for a column vector, 2\\begin{pmatrix}1\\\\2\\end{pmatrix} for its product,
-    \\mathbf{I} / -\\mathbf{I} for a square matrix, labelled values "(p,q) = (3,2)" and
-    "AB = 4, CD = 5" against the bare values (matched by name when both sides name them),
-    inequalities either way round (5 \\geq x), the last side of a chain "x = 5+6 = 11".
-    Not symmetric in one rule: a factored `pred` is right for an expanded `gold` of the same
-    value, an expanded `pred` is wrong for a factored `gold` (see mathgrade._factored).
+    math500: by structure (brackets of tuples and intervals, sets, unordered lists, \\pm,
+    matrices, equations, labelled values "(p,q) = (3,2)" or "y = ..." against bare ones,
+    inequalities, the last side of "x = 5+6 = 11"), then per element by value: exactly for
+    rationals, else at three points plus sympy. Not symmetric in one rule: a factored `pred`
+    is right for an expanded `gold`, not the other way round (see mathgrade._factored).
     """
     _check_dataset(dataset)
     if not isinstance(pred, str) or not isinstance(gold, str):
@@ -347,8 +313,7 @@ def is_equivalent(pred: str | None, gold: str, dataset: str) -> bool:
 def grade(response_text: str, gold: str, dataset: str, *, finished: bool = True) -> bool:
     """Is the final answer of a model response correct? (extract_answer + is_equivalent)
 
-    finished=False: the response was cut off by the token limit; it scores only through a
-    closed \\boxed{} (see extract_answer).
+    finished=False: the response was cut off by the token limit; only a closed box counts.
     """
     answer = extract_answer(response_text, dataset, finished=finished, gold=gold)
     return is_equivalent(answer, gold, dataset)
@@ -357,15 +322,12 @@ def grade(response_text: str, gold: str, dataset: str, *, finished: bool = True)
 def group_answers(answers: list[str | None], dataset: str) -> list[list[int]]:
     """Indices of `answers` in groups of equivalent answers: the one meaning of "same answer".
 
-    An answer joins the first group whose first member it is equivalent to, with that FIRST
-    MEMBER AS THE GOLD: is_equivalent(answer, first, dataset), or answer == first. Otherwise
-    it starts a group. Groups come in order of their first member, indices ascend within a
-    group, None (no extracted answer) is in no group. One group each: "1,000", "1000.0",
-    "$1000" for gsm8k; "\\frac{1}{2}", "0.5" for math500. The gold side matters in one rule
-    (see is_equivalent): "(x-1)(x+2)" after "x^2+x-2" joins it; the other way round it does not.
-
-    SSB's most common wrong answer: the right answers passed as None, the largest group, ties
-    drawn by the caller. Majority vote: max(groups, key=len), the first of the largest groups.
+    An answer joins the first group whose FIRST MEMBER, as the gold, it equals or is
+    equivalent to, else starts one; None is in no group. Groups come in order of their first
+    member, indices ascending ("1,000", "1000.0", "$1000": one group). The gold side matters
+    in one rule (see is_equivalent): "(x-1)(x+2)" after "x^2+x-2" joins it, not the other way
+    round. SSB's most common wrong answer: the right answers passed as None, the largest
+    group, ties drawn by the caller. Majority vote: max(groups, key=len), the first largest.
     """
     _check_dataset(dataset)
     groups: list[list[int]] = []

@@ -1,10 +1,9 @@
 """MATH-500 answers: a LaTeX parser, answer structures, and comparison by value.
 
-The half of minissb.grader that reads LaTeX. The grader extracts an answer from a response
-and cleans it (units, $, \\left, \\dfrac); this module parses the cleaned string and compares
-two of them. GSM8K and AIME use only its parser and exact arithmetic (through `rational`:
-\\frac{1}{2} is 0.5); the structures, mpmath and sympy are for MATH500. It never imports
-minissb.grader.
+The half of minissb.grader that reads LaTeX: the grader extracts and cleans an answer (units,
+$, \\left, \\dfrac); this module parses the cleaned string and compares two of them. GSM8K
+and AIME use only its parser and exact arithmetic (`rational`: \\frac{1}{2} is 0.5). It
+never imports minissb.grader.
 
 Read top to bottom:
   strings   bracket-aware splitting: "(1,2], 3" splits in two, not three
@@ -12,19 +11,16 @@ Read top to bottom:
   evaluate  an AST as an exact rational in plain Python, else its value at three fixed
             points (mpmath, 40 digits)
   sympy     a proof of a == b under a SIGALRM timer
-  answers   the structure around the expressions: tuple / interval / set / matrix / list,
-            labelled values ("(p,q) = (3,2)", "AB = 4", the last side of "x = 5+6 = 11"),
-            inequalities as intervals (either way round), c \\begin{pmatrix}..\\end{pmatrix}
-  compare   structure first, after putting both sides in one shape where they say the same
-            thing ((1,2,3) and a column vector, c\\mathbf{I} and a square matrix), then each
-            element: exact rationals compare exactly; anything else must agree to 30 digits
-            at the three points, and then sympy, under a time limit, has the last word (it
-            proves the identity or refutes it) where it can run
-  entry     what minissb.grader calls: parse_answer (the end of "answers"), rational,
-            as_string, answers_equal
+  answers   parse_answer: the structure around the expressions (tuple, interval, set,
+            matrix, list, labelled values "(p,q) = (3,2)", inequalities as intervals)
+  compare   structure first, after putting both sides in one shape ((1,2,3) and a column
+            vector, c\\mathbf{I} and a square matrix), then each element: rationals exactly;
+            anything else must agree to 30 digits at the three points, then sympy, under a
+            time limit, proves or refutes the identity where it can run
+  entry     rational, as_string, answers_equal: with parse_answer, what the grader calls
 
-The answer and the gold play one different role: a factored gold asks for the factored form
-(an expanded answer restates "Factor ..."), a factored answer to an expanded gold is right.
+The answer and the gold play one different role: a factored gold asks for the factored form,
+a factored answer to an expanded gold is right (see _factored).
 
 Bounded time on any input: strings longer than MAX_ANSWER_CHARS or nested deeper than
 MAX_DEPTH are compared as strings; powers and factorials are size-checked before any
@@ -41,20 +37,14 @@ import threading
 import time
 from fractions import Fraction
 from functools import lru_cache
+from itertools import accumulate
 
 MAX_ANSWER_CHARS = 1000  # longer "answers" are garbage: compared as strings, never parsed
 MAX_DEPTH = 40  # bracket nesting allowed before parsing (the parser is recursive)
 MAX_DIGITS = 200  # longest number literal the parser accepts
 SYMPY_SECONDS = 1.0  # sympy time allowed per comparison (all its proofs together)
 MAX_EXACT_BITS = 100_000  # exact powers/factorials larger than this are not computed
-
-
-class _ParseError(Exception):
-    pass
-
-
-class _EvalError(Exception):
-    pass
+# Parse and evaluation failures raise ValueError: the caller's answer is "not understood".
 
 
 class _Timeout(BaseException):
@@ -69,47 +59,29 @@ def _squash(s: str) -> str:
     return re.sub(r"\s+", "", s)
 
 
+def _depths(s: str):
+    """The bracket depth after each character of s."""
+    return accumulate(1 if c in "([{" else -1 if c in ")]}" else 0 for c in s)
+
+
 def _max_depth(s: str) -> int:
-    depth = best = 0
-    for c in s:
-        if c in "([{":
-            depth += 1
-            best = max(best, depth)
-        elif c in ")]}":
-            depth -= 1
-    return best
+    return max(_depths(s), default=0)
 
 
 def _split_top(s: str, sep: str) -> list[str]:
     """Split on `sep` outside any (), [] or {} (intervals like (3,4] count as balanced)."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        c = s[i]
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            i += len(sep)
-            start = i
-            continue
-        i += 1
-    parts.append(s[start:])
-    return parts
+    parts, depth, start = [], 0, 0
+    for m in re.finditer(r"[(\[{)\]}]|" + re.escape(sep), s):
+        depth += 1 if m.group() in "([{" else -1 if m.group() in ")]}" else 0
+        if depth == 0 and m.group() == sep:
+            parts.append(s[start : m.start()])
+            start = m.end()
+    return parts + [s[start:]]
 
 
 def _wraps_whole(s: str, start: int) -> bool:
     """True when the bracket at s[start] closes exactly at the last character."""
-    depth = 0
-    for i in range(start, len(s)):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i == len(s) - 1
-    return False
+    return next((i for i, d in enumerate(_depths(s[start:])) if d == 0), -1) == len(s) - start - 1
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -118,7 +90,7 @@ def _wraps_whole(s: str, start: int) -> bool:
 # ("binom", n, k) ("abs", x). a/b is ("mul", (a, ("pow", b, -1))).
 
 _TOKEN_RE = re.compile(r"\s*(?:(\\[a-zA-Z]+|\\[{}|])|(\d+(?:\.\d*)?|\.\d+)|([a-zA-Z])|(\S))")
-_FUNCS = {
+_FUNCS = {  # LaTeX name -> mpmath and sympy name
     "sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", "csc": "csc",
     "arcsin": "asin", "arccos": "acos", "arctan": "atan", "sinh": "sinh", "cosh": "cosh",
     "tanh": "tanh", "log": "log", "ln": "log", "exp": "exp",
@@ -134,47 +106,48 @@ _HALF = ("num", Fraction(1, 2))
 
 
 class _Parser:
+    """Recursive descent over the tokens: expr > term > unary > power > postfix > atom."""
+
     def __init__(self, s: str):
-        self.toks: list[str] = []
-        pos = 0
-        while pos < len(s):
-            m = _TOKEN_RE.match(s, pos)
-            if not m:
-                break  # only trailing whitespace is left
-            self.toks.append(m.group(m.lastindex))
-            pos = m.end()
-        self.i = 0
-        self.depth = 0
-        self.in_abs = 0
+        self.toks = [m.group(m.lastindex) for m in _TOKEN_RE.finditer(s)]
+        self.i = self.depth = self.in_abs = 0
 
     def peek(self) -> str | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
 
     def take(self) -> str:
         if self.i >= len(self.toks):
-            raise _ParseError("unexpected end")
+            raise ValueError("unexpected end")
         self.i += 1
         return self.toks[self.i - 1]
 
+    def accept(self, tok: str) -> bool:
+        if self.peek() != tok:
+            return False
+        self.i += 1
+        return True
+
     def expect(self, tok: str) -> None:
         if self.take() != tok:
-            raise _ParseError(f"expected {tok}")
+            raise ValueError(f"expected {tok}")
 
-    def parse(self):
-        node = self.expr()
-        if self.i != len(self.toks):
-            raise _ParseError(f"unexpected {self.peek()!r}")
-        return node
+    def until(self, tok: str):
+        """An expression, then the token `tok` that closes it."""
+        x = self.expr()
+        self.expect(tok)
+        return x
+
+    def enter(self, limit: int) -> None:
+        """One level deeper: the parser is recursive, so its depth is bounded."""
+        self.depth += 1
+        if self.depth > limit * MAX_DEPTH:
+            raise ValueError("too deep")
 
     def expr(self):
-        self.depth += 1
-        if self.depth > 2 * MAX_DEPTH:
-            raise _ParseError("too deep")
+        self.enter(2)
         terms = [self.term()]
         while self.peek() in ("+", "-"):
-            op = self.take()
-            t = self.term()
-            terms.append(t if op == "+" else ("neg", t))
+            terms.append(self.term() if self.take() == "+" else ("neg", self.term()))
         self.depth -= 1
         return terms[0] if len(terms) == 1 else ("add", tuple(terms))
 
@@ -182,56 +155,39 @@ class _Parser:
         factors = [self.unary()]
         while True:
             t = self.peek()
-            if t in _MUL_OPS:
+            if t in _MUL_OPS or t in _DIV_OPS:
                 self.take()
-                factors.append(self.unary())
-            elif t in _DIV_OPS:
-                self.take()
-                factors.append(("pow", self.unary(), _MINUS_ONE))
+                x = self.unary()
+                factors.append(x if t in _MUL_OPS else ("pow", x, _MINUS_ONE))
             elif self.starts_atom(t):  # implicit product: 2\pi, 3\sqrt{13}, (a+5)(b+2)
                 factors.append(self.power())
             else:
-                break
-        return factors[0] if len(factors) == 1 else ("mul", tuple(factors))
+                return factors[0] if len(factors) == 1 else ("mul", tuple(factors))
 
     def unary(self):
-        if self.peek() in ("-", "+"):
-            self.depth += 1
-            if self.depth > 2 * MAX_DEPTH:
-                raise _ParseError("too deep")
-            sign = self.take()
-            x = self.unary()
-            self.depth -= 1
-            return ("neg", x) if sign == "-" else x
-        return self.power()
+        if self.peek() not in ("-", "+"):
+            return self.power()
+        self.enter(2)
+        x = self.unary() if self.take() == "+" else ("neg", self.unary())
+        self.depth -= 1
+        return x
 
     def power(self):
         base = self.postfix()
-        if self.peek() == "^":
-            self.take()
-            return ("pow", base, self.exponent())
-        return base
+        return ("pow", base, self.exponent()) if self.accept("^") else base
 
     def exponent(self):
         if self.peek() == "{":
             return self.group()
         if self.peek() in ("-", "+"):
-            sign = self.take()
-            x = self.postfix()
-            return ("neg", x) if sign == "-" else x
+            return self.postfix() if self.take() == "+" else ("neg", self.postfix())
         return self.postfix()
 
     def postfix(self):
-        # \sqrt\sqrt\sqrt... nests without brackets: count depth here too.
-        self.depth += 1
-        if self.depth > 4 * MAX_DEPTH:
-            raise _ParseError("too deep")
+        self.enter(4)  # \sqrt\sqrt\sqrt... nests without brackets: counted here too
         x = self.atom()
-        if self.peek() == "!":
-            self.take()
-            x = ("fact", x)
         self.depth -= 1
-        return x
+        return ("fact", x) if self.accept("!") else x
 
     def starts_atom(self, t: str | None) -> bool:
         if t is None:
@@ -246,9 +202,7 @@ class _Parser:
 
     def group(self):
         self.expect("{")
-        x = self.expr()
-        self.expect("}")
-        return x
+        return self.until("}")
 
     def arg(self):
         return self.group() if self.peek() == "{" else self.postfix()
@@ -257,71 +211,50 @@ class _Parser:
         t = self.take()
         if t[0].isdigit() or (t[0] == "." and len(t) > 1):
             if len(t) > MAX_DIGITS:
-                raise _ParseError("number too long")
+                raise ValueError("number too long")
             return ("num", Fraction(t.rstrip(".") or "0"))
         if len(t) == 1 and t.isalpha():
-            if self.peek() == "_":  # x_1, a_{n}
-                self.take()
-                sub = self.take()
-                if sub == "{":
-                    parts = []
-                    while self.peek() not in ("}", None):
-                        parts.append(self.take())
-                    self.expect("}")
-                    sub = "".join(parts)
-                return ("sym", f"{t}_{sub}")
-            return {"i": ("I",), "e": ("E",)}.get(t, ("sym", t))
-        if t == "(":
-            x = self.expr()
-            self.expect(")")
-            return x
-        if t == "{":
-            x = self.expr()
-            self.expect("}")
-            return x
+            if not self.accept("_"):
+                return {"i": ("I",), "e": ("E",)}.get(t, ("sym", t))
+            sub = self.take()  # x_1, a_{n}
+            if sub == "{":
+                parts = []
+                while self.peek() not in ("}", None):
+                    parts.append(self.take())
+                self.expect("}")
+                sub = "".join(parts)
+            return ("sym", f"{t}_{sub}")
+        if t in ("(", "{"):
+            return self.until(")" if t == "(" else "}")
         if t == "|":
             self.in_abs += 1
-            x = self.expr()
-            self.expect("|")
+            x = ("abs", self.until("|"))
             self.in_abs -= 1
-            return ("abs", x)
+            return x
         if t == "\\frac":
             num, den = self.arg(), self.arg()
             return ("mul", (num, ("pow", den, _MINUS_ONE)))
-        if t == "\\sqrt":
-            if self.peek() == "[":
-                self.take()
-                index = self.expr()
-                self.expect("]")
-                return ("pow", self.arg(), ("pow", index, _MINUS_ONE))
-            return ("pow", self.arg(), _HALF)
+        if t == "\\sqrt":  # \sqrt[3]{x}
+            index = self.until("]") if self.accept("[") else None
+            return ("pow", self.arg(), _HALF if index is None else ("pow", index, _MINUS_ONE))
         if t == "\\binom":
             return ("binom", self.arg(), self.arg())
-        if t == "\\pi":
-            return ("pi",)
-        if t == "\\infty":
-            return ("oo",)
+        if t in ("\\pi", "\\infty"):
+            return ("pi",) if t == "\\pi" else ("oo",)
         if t[0] == "\\" and t[1:] in _GREEK:
             return ("sym", t[1:])
         if t[0] == "\\" and t[1:] in _FUNCS:
             return self.function(_FUNCS[t[1:]])
-        raise _ParseError(f"unexpected {t!r}")
+        raise ValueError(f"unexpected {t!r}")
 
     def function(self, name: str):
-        base = power = None
-        if name == "log" and self.peek() == "_":
-            self.take()
-            base = self.arg()
-        if self.peek() == "^":  # \sin^2 x
-            self.take()
-            power = self.exponent()
-        if self.peek() == "(":
-            self.take()
-            x = self.expr()
-            self.expect(")")
+        base = self.arg() if name == "log" and self.accept("_") else None
+        power = self.exponent() if self.accept("^") else None  # \sin^2 x
+        if self.accept("("):
+            x = self.until(")")
         else:  # \cot x, \sin 2x: the following run of numbers and letters
             factors = [self.power()]
-            while self.peek() is not None and (self.peek()[0].isalnum()):
+            while self.peek() is not None and self.peek()[0].isalnum():
                 factors.append(self.power())
             x = factors[0] if len(factors) == 1 else ("mul", tuple(factors))
         node = ("fn", name, x)
@@ -336,28 +269,29 @@ def _parse_expr(s: str):
     if not s or len(s) > MAX_ANSWER_CHARS or _max_depth(s) > MAX_DEPTH:
         return None
     try:
-        return _Parser(s).parse()
-    except (_ParseError, ValueError, ZeroDivisionError, RecursionError):
+        parser = _Parser(s)
+        node = parser.expr()
+        return node if parser.i == len(parser.toks) else None
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _bits(q: Fraction) -> int:
+    return q.numerator.bit_length() + q.denominator.bit_length()
+
+
 def _exact_root(q: Fraction, n: int) -> Fraction | None:
     if q < 0:
-        if n % 2 == 0:
-            return None
-        r = _exact_root(-q, n)
+        r = None if n % 2 == 0 else _exact_root(-q, n)
         return None if r is None else -r
     out = []
     for v in (q.numerator, q.denominator):
-        if n == 2:
-            r = math.isqrt(v)
-        elif v.bit_length() <= 150:  # the float root is within 1 of the integer root
-            r = round(v ** (1.0 / n))
-        else:
+        if n != 2 and v.bit_length() > 150:
             return None
+        r = math.isqrt(v) if n == 2 else round(v ** (1.0 / n))  # a float root is within 1
         r = next((c for c in (r - 1, r, r + 1) if c >= 0 and c**n == v), None)
         if r is None:
             return None
@@ -366,8 +300,7 @@ def _exact_root(q: Fraction, n: int) -> Fraction | None:
 
 
 def _pow_fits(base: Fraction, n: int) -> bool:
-    bits = base.numerator.bit_length() + base.denominator.bit_length()
-    return abs(n) <= 10_000 and bits * abs(n) <= MAX_EXACT_BITS
+    return abs(n) <= 10_000 and _bits(base) * abs(n) <= MAX_EXACT_BITS
 
 
 @lru_cache(maxsize=16384)
@@ -386,7 +319,7 @@ def _exact(node) -> Fraction | None:
             if v is None:
                 return None
             out = out + v if tag == "add" else out * v
-            if out.numerator.bit_length() + out.denominator.bit_length() > MAX_EXACT_BITS:
+            if _bits(out) > MAX_EXACT_BITS:
                 return None  # huge rationals make every later gcd slow
         return out
     if tag == "pow":
@@ -394,9 +327,7 @@ def _exact(node) -> Fraction | None:
         if b is None or e is None:
             return None
         if e.denominator != 1:
-            if e.denominator > 64:
-                return None
-            b = _exact_root(b, e.denominator)
+            b = _exact_root(b, e.denominator) if e.denominator <= 64 else None
             if b is None:
                 return None
         n = e.numerator
@@ -407,56 +338,38 @@ def _exact(node) -> Fraction | None:
         args = [_exact(x) for x in node[1:]]
         if any(v is None or v.denominator != 1 or not 0 <= v <= 1000 for v in args):
             return None
-        if tag == "fact":
-            return Fraction(math.factorial(int(args[0])))
-        return Fraction(math.comb(int(args[0]), int(args[1])))
+        n = [int(v) for v in args]
+        return Fraction(math.factorial(*n) if tag == "fact" else math.comb(*n))
     return None
+
+
+def _children(node):
+    """The sub-ASTs of a node: two in ("add", (x, y)) and ("pow", b, e), one in ("fn", name, x)."""
+    for x in node[1:]:
+        if isinstance(x, tuple):
+            yield from (x if x and isinstance(x[0], tuple) else (x,))
 
 
 @lru_cache(maxsize=16384)
 def _symbols(node) -> frozenset:
     if node[0] == "sym":
         return frozenset([node[1]])
-    out = frozenset()
-    for x in node[1:]:
-        if isinstance(x, tuple):
-            for y in x if x and isinstance(x[0], tuple) else (x,):
-                out |= _symbols(y)
-    return out
+    return frozenset().union(*map(_symbols, _children(node)))
 
 
 @lru_cache(maxsize=16384)
 def _has_inf(node) -> bool:
-    if node[0] == "oo":
-        return True
-    return any(
-        _has_inf(y)
-        for x in node[1:]
-        if isinstance(x, tuple)
-        for y in (x if x and isinstance(x[0], tuple) else (x,))
-    )
+    return node[0] == "oo" or any(map(_has_inf, _children(node)))
 
 
-def _inf_sign(node) -> int | None:
-    if node == ("oo",):
-        return 1
-    if node[0] == "neg" and node[1] == ("oo",):
-        return -1
-    return None
-
-
-_MPCTX = None  # private mpmath context: its precision never touches the global mpmath.mp
-
-
+@lru_cache(maxsize=None)
 def _mp():
-    global _MPCTX
-    if _MPCTX is None:
-        import mpmath
+    """A private mpmath context of 40 digits: its precision never touches mpmath.mp."""
+    import mpmath
 
-        ctx = mpmath.MPContext()
-        ctx.dps = 40
-        _MPCTX = ctx
-    return _MPCTX
+    ctx = mpmath.MPContext()
+    ctx.dps = 40
+    return ctx
 
 
 # Fixed "random" points for the numeric identity test: 3 points, a value per symbol (by
@@ -466,7 +379,6 @@ _POINTS = (
     (1.3759, 0.5522, 1.1867, 0.8394, 1.6127, 0.4871, 1.0538, 0.7209),
     (0.4627, 0.9871, 1.5334, 1.2176, 0.6712, 1.4093, 0.8849, 1.1521),
 )
-_MAX_SYMBOLS = len(_POINTS[0])
 
 
 def _evaluate(node, env: dict, ctx):
@@ -482,36 +394,31 @@ def _evaluate(node, env: dict, ctx):
     if tag == "add":
         return ctx.fsum(_evaluate(x, env, ctx) for x in node[1])
     if tag == "mul":
-        out = ctx.mpf(1)
-        for x in node[1]:
-            out = out * _evaluate(x, env, ctx)
-        return out
+        return ctx.fprod(_evaluate(x, env, ctx) for x in node[1])
     if tag == "pow":
         b, e = _evaluate(node[1], env, ctx), _evaluate(node[2], env, ctx)
         if abs(e) > 1e6 or (b == 0 and ctx.re(e) <= 0):
-            raise _EvalError("power out of range")
+            raise ValueError("power out of range")
         return ctx.power(b, e)
     if tag == "fn":
         x = _evaluate(node[2], env, ctx)
         if node[1] == "log" and x == 0:
-            raise _EvalError("log(0)")
+            raise ValueError("log(0)")
         if node[1] not in ("log", "asin", "acos", "atan") and abs(x) > 1e6:
-            raise _EvalError("argument too large")  # sin(10^(10^5)) needs pi to 10^5 digits
-        return getattr(ctx, node[1])(x)  # _FUNCS values are mpmath names
+            raise ValueError("argument too large")  # sin(10^(10^5)) needs pi to 10^5 digits
+        return getattr(ctx, node[1])(x)
     if tag == "abs":
         return abs(_evaluate(node[1], env, ctx))
-    if tag in ("fact", "binom"):
-        v = _exact(node)
-        if v is None:
-            raise _EvalError("factorial out of range")
-        return ctx.mpf(v.numerator) / v.denominator
-    raise _EvalError(f"cannot evaluate {tag}")
+    v = _exact(node) if tag in ("fact", "binom") else None
+    if v is None:
+        raise ValueError(f"cannot evaluate {tag}")
+    return ctx.mpf(v.numerator) / v.denominator
 
 
 @lru_cache(maxsize=16384)
 def _values(node, names: tuple) -> tuple | None:
     """The AST's value (mpc) at each of the fixed points, or None when not evaluable."""
-    if len(names) > _MAX_SYMBOLS:
+    if len(names) > len(_POINTS[0]):
         return None
     ctx = _mp()
     out = []
@@ -522,7 +429,7 @@ def _values(node, names: tuple) -> tuple | None:
             if not (ctx.isfinite(v.real) and ctx.isfinite(v.imag)):
                 return None
             out.append(v)
-    except Exception:  # _EvalError, ZeroDivisionError, mpmath's NoConvergence, deep trees ...
+    except Exception:  # ValueError, ZeroDivisionError, mpmath's NoConvergence, deep trees ...
         return None
     return tuple(out)
 
@@ -548,21 +455,6 @@ def _raise_timeout(signum, frame):
     raise _Timeout()
 
 
-def _with_time_limit(fn, seconds: float):
-    """fn() under a SIGALRM timer; None on timeout. Call only when _timer_available()."""
-    previous = signal.signal(signal.SIGALRM, _raise_timeout)
-    try:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, seconds)
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        return None
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _to_sympy(node):
     import sympy as sp
 
@@ -575,28 +467,22 @@ def _to_sympy(node):
         return {"pi": sp.pi, "E": sp.E, "I": sp.I}[tag]
     if tag == "neg":
         return -_to_sympy(node[1])
-    if tag == "add":
-        return sp.Add(*[_to_sympy(x) for x in node[1]])
-    if tag == "mul":
-        return sp.Mul(*[_to_sympy(x) for x in node[1]])
+    if tag in ("add", "mul"):
+        return (sp.Add if tag == "add" else sp.Mul)(*[_to_sympy(x) for x in node[1]])
     if tag == "pow":
         # sympy evaluates Integer powers eagerly: 10^(10^10) would never return.
         b, e = _exact(node[1]), _exact(node[2])
-        if e is not None and abs(e) > 1000:
-            raise _EvalError("exponent too large")
-        if b is not None and e is not None and not _pow_fits(b, e.numerator):
-            raise _EvalError("power too large")
+        if e is not None and (abs(e) > 1000 or b is not None and not _pow_fits(b, e.numerator)):
+            raise ValueError("power too large")
         return sp.Pow(_to_sympy(node[1]), _to_sympy(node[2]))
     if tag == "fn":
         return getattr(sp, node[1])(_to_sympy(node[2]))
     if tag == "abs":
         return sp.Abs(_to_sympy(node[1]))
-    if tag in ("fact", "binom"):
-        v = _exact(node)
-        if v is None:
-            raise _EvalError("factorial out of range")
-        return sp.Rational(v.numerator, v.denominator)
-    raise _EvalError(f"no sympy form for {tag}")
+    v = _exact(node) if tag in ("fact", "binom") else None
+    if v is None:
+        raise ValueError(f"no sympy form for {tag}")
+    return sp.Rational(v.numerator, v.denominator)
 
 
 _budget = threading.local()  # .deadline: time.monotonic() after which sympy is not started
@@ -609,13 +495,18 @@ def _sympy_says_equal(a, b) -> bool | None:
         return None
     import sympy  # noqa: F401  (imported outside the timer: an interrupted import is broken)
 
-    def prove():
-        diff = _to_sympy(a) - _to_sympy(b)
-        return True if diff == 0 else diff.equals(0)
-
     try:
-        return _with_time_limit(prove, seconds)
-    except Exception:  # sympy internals on odd input: no verdict, the numbers decide
+        previous = signal.signal(signal.SIGALRM, _raise_timeout)
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, seconds)
+                diff = _to_sympy(a) - _to_sympy(b)
+                return True if diff == 0 else diff.equals(0)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+    except (_Timeout, Exception):  # out of time, or sympy internals on odd input: no verdict
         return None
 
 
@@ -641,37 +532,33 @@ _MATRIX_RE = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\
 
 
 def _parse_elem(s: str):
-    s = s.strip()
-    parts = _split_top(s, "=")
-    if len(parts) == 1:
-        ast = _parse_expr(s)
-        return ("x", ast) if ast is not None else ("raw", _squash(s))
     # "x = 5+5+1 = 11": a chain states its value last; the first side names it.
-    lhs, rhs = parts[0].strip(), parts[-1].strip()
-    right = _parse_expr(rhs)
-    if right is None:
-        return ("raw", _squash(s))
-    if _LABEL_RE.fullmatch(lhs):
-        return ("eq", ("sym", lhs), right, lhs)
-    left = _parse_expr(lhs)
-    if left is None:
-        return ("raw", _squash(s))
-    if len(parts) == 2 and (_symbols(left) or _symbols(right)):
-        return ("eq", left, right, None)
-    return ("x", right)  # a computation, "5 + 6 = 11", or a chain "x + y = 2 + 3 = 5"
-
-
-def _expand_pm(s: str) -> list[str]:
-    n = s.count("\\pm") + s.count("\\mp")
-    if n != 1:
-        return [s]
-    if "\\pm" in s:
-        return [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
-    return [s.replace("\\mp", "-"), s.replace("\\mp", "+")]
+    parts = _split_top(s.strip(), "=")
+    right = _parse_expr(parts[-1])
+    if right is not None:
+        if len(parts) == 1:
+            return ("x", right)
+        lhs = parts[0].strip()
+        if _LABEL_RE.fullmatch(lhs):
+            return ("eq", ("sym", lhs), right, lhs)
+        left = _parse_expr(lhs)
+        if left is not None:
+            if len(parts) == 2 and (_symbols(left) or _symbols(right)):
+                return ("eq", left, right, None)
+            return ("x", right)  # a computation, "5 + 6 = 11", or a chain "x + y = 2 + 3 = 5"
+    return ("raw", _squash(s))
 
 
 def _parse_elems(parts: list[str]) -> tuple:
-    return tuple(_parse_elem(p) for part in parts for p in _expand_pm(part))
+    """The elements of `parts`, a part with one \\pm or \\mp read as its two values."""
+    out = []
+    for s in parts:
+        if s.count("\\pm") + s.count("\\mp") == 1:
+            out += [s.replace("\\pm", "+").replace("\\mp", "-"),
+                    s.replace("\\pm", "-").replace("\\mp", "+")]
+        else:
+            out.append(s)
+    return tuple(map(_parse_elem, out))
 
 
 def _interval(var_op: str, bound: str) -> str:
@@ -700,9 +587,7 @@ def _inequality_to_interval(s: str) -> str:
 def _parse_matrix(body: str):
     rows = [r for r in re.split(r"\\\\", body) if r.strip()]
     cells = tuple(tuple(_parse_elem(c) for c in r.split("&")) for r in rows)
-    if cells and len({len(r) for r in cells}) == 1:
-        return ("mat", cells)
-    return None
+    return ("mat", cells) if cells and len({len(r) for r in cells}) == 1 else None
 
 
 def _scaled_matrix(s: str):
@@ -747,7 +632,7 @@ def _parse_structure(s: str):
         return ("one", ("raw", ""))
     m = _MATRIX_RE.fullmatch(s)
     if m:
-        return _parse_matrix(m.group(2)) or ("one", ("raw", _squash(s)))
+        return _parse_matrix(m.group(2)) or as_string(s)
     st = _scaled_matrix(s) or _labelled(s)
     if st:
         return st
@@ -760,17 +645,14 @@ def _parse_structure(s: str):
         inner = _split_top(s[1:-1], ",")
         if len(inner) > 1:
             return ("tup", s[0], s[-1], _parse_elems(inner))
-    parts = _split_top(s, ",")
-    elems = _parse_elems(parts)
-    if len(elems) > 1:
-        return ("list", elems)
-    return ("one", elems[0])
+    elems = _parse_elems(_split_top(s, ","))
+    return ("list", elems) if len(elems) > 1 else ("one", elems[0])
 
 
 def parse_answer(s: str):
     """The structure of an answer already cleaned by minissb.grader (see "answers" above)."""
     if _max_depth(s) > MAX_DEPTH:
-        return ("one", ("raw", _squash(s)))
+        return as_string(s)
     m = re.fullmatch(r"\(?([A-E])\)(?:\s.*)?|\(?([A-E])", s)  # multiple choice: (C), C, (C) 12
     if m:
         return ("one", ("mc", m.group(1) or m.group(2)))
@@ -780,8 +662,7 @@ def parse_answer(s: str):
     if m:
         return ("one", ("base", m.group(1), m.group(2)))
     s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [-2, 7]
-    s = _inequality_to_interval(s)
-    return _parse_structure(s)
+    return _parse_structure(_inequality_to_interval(s))
 
 
 # ----------------------------------------------------------------------------- compare
@@ -792,21 +673,18 @@ def _unordered_equal(ps, gs, equal) -> bool:
         return False
     unused = list(ps)
     for g in gs:
-        for k, p in enumerate(unused):
-            if equal(p, g):
-                del unused[k]
-                break
-        else:
+        k = next((k for k, p in enumerate(unused) if equal(p, g)), None)
+        if k is None:
             return False
+        del unused[k]
     return True
 
 
 def _by_label(ps, gs) -> bool | None:
     """a = 1, b = 2 against b = 2, a = 1: values matched by name, whatever the order.
 
-    Only when both sides name every value with the same distinct names; otherwise None and
-    the values are compared by position (tuples) or unordered (lists): "x = 1, x = -2"
-    names no value apart, and a bare gold "4, 5" says nothing about which is which.
+    None unless both sides name every value with the same distinct names ("x = 1, x = -2"
+    names no value apart, a bare "4, 5" says nothing about which is which).
     """
     names = {e[3] if e[0] == "eq" else None for e in ps}
     if None in names or len(names) != len(ps) or len(gs) != len(ps):
@@ -835,11 +713,8 @@ def _identity(e, n: int):
 
 
 def _same_shape(p, g):
-    """(p, g) with one side rewritten in the other's form where both say the same thing.
-
-    A tuple (1,2,3) is the column vector of its entries (not a row: the two shapes differ
-    in MATH), c\\mathbf{I} the square matrix of the other side's size.
-    """
+    """(p, g) with one side rewritten in the other's form where both say the same thing:
+    (1,2,3) as a column vector (MATH tells rows apart), c\\mathbf{I} as a square matrix."""
     for a, b, swap in ((p, g, False), (g, p, True)):
         if b[0] != "mat":
             continue
@@ -895,11 +770,14 @@ def _elem_equal(p, g) -> bool:
     return False
 
 
+_INF_SIGN = {("oo",): 1, ("neg", ("oo",)): -1}  # infinities compare only as bare +-oo
+
+
 def _expr_equal(a, b) -> bool:
     if a == b:
         return True
     if _has_inf(a) or _has_inf(b):
-        return _inf_sign(a) is not None and _inf_sign(a) == _inf_sign(b)
+        return _INF_SIGN.get(a) is not None and _INF_SIGN.get(a) == _INF_SIGN.get(b)
     qa, qb = _exact(a), _exact(b)
     if qa is not None and qb is not None:
         return qa == qb
@@ -925,18 +803,15 @@ def _factored(node) -> bool:
     """A product of polynomial factors, one a sum: (a+5)(b+2), 3(x-1)^2.
 
     A factored gold means the question asked for the factorization ("Factor ab+5b+2a+10"):
-    the expanded form is the question restated, and is wrong. The other way round a
-    factored answer is the same polynomial as an expanded gold, and is right: "Find the
-    quotient when x^6 - 3 is divided by x + 1" asks for a polynomial, not a form, so
-    (x-1)(x^4+x^2+1) answers it. (For an "Expand ..." question this accepts the question
-    restated, as the value test already does for any unexpanded sum: a checker that sees
-    only the two answers cannot tell these questions apart.)
+    the expanded form restates the question, and is wrong. A factored answer to an expanded
+    gold is the same polynomial, and right: "the quotient of x^6 - 3 by x + 1" asks for a
+    polynomial, not a form. (An "Expand ..." question then accepts the question restated,
+    as the value test does for any unexpanded sum: the two answers alone cannot tell.)
     """
     while node[0] == "neg":
         node = node[1]
-    factors = node[1] if node[0] == "mul" else (node,)
     bases = []
-    for f in factors:
+    for f in node[1] if node[0] == "mul" else (node,):
         base, exp = (f[1], _exact(f[2])) if f[0] == "pow" else (f, Fraction(1))
         if not _symbols(f):
             continue
@@ -948,8 +823,7 @@ def _factored(node) -> bool:
 
 def _equation_equal(p, g) -> bool:
     """Equations are equal when (lhs - rhs) of one is a nonzero constant times the other's."""
-    dp = ("add", (p[1], ("neg", p[2])))
-    dg = ("add", (g[1], ("neg", g[2])))
+    dp, dg = (("add", (e[1], ("neg", e[2]))) for e in (p, g))
     names = _symbols(dp)
     if names != _symbols(dg):
         return False
@@ -976,9 +850,6 @@ def as_string(s: str):
 
 
 def answers_equal(pred, gold) -> bool:
-    """Do two parsed answers (parse_answer) say the same? `gold` is the gold (see _factored).
-
-    sympy gets SYMPY_SECONDS for all the proofs of this one comparison.
-    """
-    _budget.deadline = time.monotonic() + SYMPY_SECONDS
+    """Do two parse_answer structures say the same? (`gold` is the gold: see _factored.)"""
+    _budget.deadline = time.monotonic() + SYMPY_SECONDS  # for all of its sympy proofs
     return _structure_equal(pred, gold)
