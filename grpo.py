@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import minissb.grpo as G
@@ -32,9 +33,12 @@ from minissb import dist
 from minissb.grpo import DEFAULT_EPOCHS, DEFAULT_MAX_STEPS, DEFAULT_QUESTIONS_PER_STEP, OPTION_TYPES as T, GRPOConfig
 from minissb.lora import DEFAULT_TARGETS
 from minissb.runs import DTYPE_HELP, ArgumentParser, HelpFormatter, run_main
-from minissb.training import MetricsLog, finish, interrupted, plot_metrics, save_checkpoint
+from minissb.training import MetricsLog, finish, interrupted, lr_at, plot_metrics, save_checkpoint
 
 D = GRPOConfig  # the defaults live on the dataclass, in one place; the allowed ranges in T, checked while parsing
+PLOTTED = (("reward_mean", "reward (mean)"), ("accuracy", "accuracy of the samples"), ("frac_all_equal", "groups with equal rewards"),
+           ("completion_len", "mean completion length"), ("loss", "loss"), ("kl", "KL to the reference (k3)"),
+           ("clip_frac", "clipped tokens"), ("grad_norm", "grad norm"), ("lr", "learning rate"), ("tokens_per_s", "sampled tokens/s"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +133,7 @@ def train(cfg: GRPOConfig) -> dict:
     talk = cfg.progress and world.is_main  # rank 0 alone logs and writes
     out, say = Path(cfg.out), (tqdm.write if talk else (lambda s: None))
     run = G.start_run(cfg, say, world)
-    cfg = run.cfg  # the budget resolved (defaults or --match-ssb)
+    cfg, K = run.cfg, run.cfg.inner_steps  # the budget resolved (defaults or --match-ssb); optimizer steps per step
     stop_at = min(run.total_steps, cfg.stop_after_steps or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="grpo", unit="step", disable=not talk, dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"
@@ -145,9 +149,23 @@ def train(cfg: GRPOConfig) -> dict:
             t_sampled = time.perf_counter()
             all_equal = G.assign_advantages(groups, cfg)  # a group whose rewards are all equal has no signal: skipped
             rollouts = [r for g, equal in zip(groups, all_equal) if not equal for r in g]
-            update = G.policy_update(run.model, run.optimizer, rollouts, cfg, run.lrs(step), run.tok.pad_id,
+            # One lr per inner step: the schedule spans every optimizer step.
+            lrs = [lr_at(step * K + i, run.total_steps * K, cfg.lr, run.warmup_steps, cfg.min_lr_ratio, cfg.lr_schedule) for i in range(K)]
+            update = G.policy_update(run.model, run.optimizer, rollouts, cfg, lrs, run.tok.pad_id,
                                      where=f"at step {step + 1} (epoch {epoch + 1})", world=world)
-            last = G.step_metrics(step, run, groups, all_equal, update, (t0, t_sampled, time.perf_counter(), t_start))
+            t_done, flat = time.perf_counter(), [r for g in groups for r in g]
+            sampled, n = sum(len(r.completion_ids) for r in flat), len(flat)
+            last = {"step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4),
+                    "reward_mean": sum(r.reward for r in flat) / n, "accuracy": sum(r.correct for r in flat) / n,
+                    "frac_all_equal": sum(all_equal) / len(groups), "groups_skipped": sum(all_equal),
+                    "completion_len": sampled / n, "frac_truncated": sum(r.finish_reason == "length" for r in flat) / n,
+                    "loss": update["loss"], "kl": update["kl"], "clip_frac": update["clip_frac"], "grad_norm": update["grad_norm"],
+                    "lr": lrs[-1], "train_tokens": update["train_tokens"], "tokens_per_s": round(sampled / max(t_sampled - t0, 1e-9), 1),
+                    "train_tokens_per_s": round(update["input_tokens"] / max(t_done - t_sampled, 1e-9), 1),
+                    "sample_time_s": round(t_sampled - t0, 4), "train_time_s": round(t_done - t_sampled, 4),
+                    "step_time_s": round(t_done - t0, 4), "elapsed_s": round(t_done - t_start, 2)}
+            if run.model.device.type == "cuda":
+                last["cuda_max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.model.device) / 2**30, 3)
             if metrics:
                 metrics.write(last)
             bar.update(1)
@@ -165,13 +183,23 @@ def train(cfg: GRPOConfig) -> dict:
 
     adapter = dist.on_main(world, lambda: finish(out, run.model, cfg.model, stop_at, run.total_steps, say))
     summary = {"steps": stop_at, "total_steps": run.total_steps, "metrics": str(metrics_path), "last": last,
-               "adapter": adapter, "world_size": world.size}
-    summary["wall_clock"] = G.wall_clock_report(run, metrics_path)
+               "adapter": adapter, "world_size": world.size, "wall_clock": wall_clock_line(run, metrics_path)}
     say(summary["wall_clock"])
     if cfg.plot and world.is_main:
-        summary["plot"] = str(plot_metrics(metrics_path, out / "metrics.png", G.PLOTTED))
+        summary["plot"] = str(plot_metrics(metrics_path, out / "metrics.png", PLOTTED))
         say(f"plot saved to {summary['plot']}")
     return summary
+
+
+def wall_clock_line(run: G.GRPORun, metrics_path: Path) -> str:
+    """The wall-clock of this run's training, next to the SSB run's when --match-ssb."""
+    text = f"wall-clock: GRPO {G.wall_clock(metrics_path) or 0.0:,.1f} s of training ({run.total_steps} steps)"
+    if run.ssb is not None:
+        train_s, sample_s = run.ssb["train_seconds"], run.ssb["sample_seconds"]
+        train_s = "unknown (no metrics.jsonl)" if train_s is None else f"{train_s:,.1f} s"
+        sample_s = "" if sample_s is None else f" after {sample_s:,.1f} s of sample.py generation"
+        text += f"; SSB train.py {train_s} ({run.ssb['total_steps']} steps){sample_s}"
+    return text
 
 
 def main(argv=None) -> int:

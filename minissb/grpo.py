@@ -1,14 +1,11 @@
 """GRPO: the reinforcement-learning baseline SSB is compared with, on the same model, LoRA,
 checker, prompt and engine, so the paper's SSB-vs-GRPO table can be rerun (grpo.py).
 
-What it is. Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) without a
-value model. Each step takes Q training questions; for each, the current policy (base model +
-LoRA) samples a group of G completions with the student prompt (prompts.student_chat, as at
-evaluation). Completion i of a group gets the reward
-
-    r_i = 1 if minissb.grader says its final answer is right, else 0   (+ --format-reward if it has a \\boxed{})
-
-and the group-normalised advantage, the same for all its tokens,
+Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) without a value model. Each
+step takes Q training questions; for each, the policy (base model + LoRA) samples a group of G
+completions with the student prompt (prompts.student_chat, as at evaluation). Completion i gets
+the reward r_i = 1 if minissb.grader says its final answer is right, else 0 (+ --format-reward
+if it has a \\boxed{}), and the group-normalised advantage, the same for all its tokens,
 
     A_i = (r_i - mean(r)) / (std(r) + 1e-4)     std with Bessel's correction, as TRL
     A_i =  r_i - mean(r)                         --no-std (Dr. GRPO, Liu et al. 2025)
@@ -20,66 +17,34 @@ For each completion token t, with rho = pi_theta(o_t | q, o_<t) / pi_old(o_t | q
     loss = sum_i sum_t l_t / sum_i |o_i|                    token level (DAPO, Yu et al. 2025; TRL's default)
     loss = mean_i (1/|o_i|) sum_t l_t                       --loss-norm sequence (the original GRPO)
 
-pi_old is the policy that sampled the batch. With --inner-steps 1 (the default) the batch is
-used for one optimizer step, pi_old = pi_theta detached, rho = 1 and the loss is the plain
-policy gradient -A_i log pi_theta; with K inner steps the batch is reused K times and the clip
-keeps later steps near pi_old. pi_ref is the same weights with the adapter off
-(lora.adapters_disabled): no second model. A group whose rewards are all equal has A = 0
-everywhere: it is counted (frac_all_equal) and left out of the loss and its normaliser.
-Log-probs for the loss come from a training forward pass (hidden states, then the LM head a
-chunk of positions at a time, log-softmax in float32), never from the sampler.
+pi_old is the policy that sampled the batch: with --inner-steps 1 (the default) rho = 1 and the
+loss is the plain policy gradient -A_i log pi_theta; with K inner steps the clip keeps later steps
+near pi_old. pi_ref is the same weights with the adapter off (lora.adapters_disabled). A group
+whose rewards are all equal has A = 0: it is counted (frac_all_equal) and left out of the loss and
+its normaliser. Log-probs come from a training forward pass, never from the sampler. The defaults
+(GRPOConfig, with their sources) make only the algorithm differ from SSB (train.py); --match-ssb
+takes the problems, batch size, epochs and step count from a train.py run (same order, same --seed).
 
-Defaults, chosen so that only the algorithm differs from SSB (train.py), with sources:
+Sampling from merged weights (the default). Unmerged, each adapted projection adds two small
+matmuls, two casts and an add to every decode step: for a 3B model ~1,000 more kernel launches
+per step (36 layers x 7 projections x ~4) next to the ~1,400 of an eager decode step, launch-bound
+on a GPU (an ESTIMATE from the shapes; not yet measured on a GPU). On this 2-core CPU it makes no
+measurable difference (Qwen2.5-0.5B shapes, random weights, bf16, one thread, 32 rows, 4 x 8 samples
+of 16 tokens, shared machine: 1.27-1.50 s per decode step merged, 1.26-1.45 s unmerged, four runs;
+merging and restoring cost 2-5 s per step, ~1% of 512 decode steps). A bf16 merge + unmerge leaves
+~6% of entries one ulp off (minissb.lora), a random walk of the frozen base (the KL reference) over
+hundreds of steps; so the adapted base weights are copied to host memory once (0.7 GB for 0.5B,
+5.5 GB for 3B in bf16) and copied back after each sampling phase: the base is bit for bit the same
+at every step (tested). Merged and unmerged sample the same tokens in float32 (tested); in bf16
+rounding lets some long samples diverge.
 
-    LoRA           r 32, alpha 32, q/k/v/o/gate/up/down, dropout 0    the SSB run's (the paper's)
-    G              8 completions per question                         TRL GRPOConfig.num_generations
-    Q              4 questions per optimizer step                     SSB's batch of 4 pairs per step
-    steps          192                                                SSB's budget: 256 pairs x 3 epochs / 4
-    max new tokens 512                                                Qwen2.5's GSM8K solutions take ~150-400
-    sampling       T 1.0, no top-k, no top-p                          TRL's defaults; samples from exactly pi_theta
-    lr             1e-5, linear decay, no warmup                      TRL's GRPO lr for full fine-tuning is 1e-6
-                                                                      (DeepSeekMath's too); LoRA wants ~10x (Schulman
-                                                                      et al. 2025, "LoRA Without Regret", rank-free at
-                                                                      alpha 32; TRL reproduced it at 1e-5); the schedule
-                                                                      is SSB's. SSB's 2e-4 is for a supervised loss.
-    eps, beta      0.2, 0                                             PPO / DeepSeekMath; TRL (KL off by default)
-    normalisation  token level, group std                             TRL's loss_type "dapo", scale_rewards "group"
-    grad clip, wd  1.0, 0                                             the Trainer's defaults, as SSB
---match-ssb RUN_DIR takes the problems, the batch size, the epochs and the step count from a
-train.py run, so GRPO trains on the same problems for the same number of optimizer steps (in
-the same order with the same --seed) and prints both wall-clocks.
+Determinism: step s's questions are a permutation drawn from (seed, epoch), as train.py draws its
+pairs, each question's completions are seeded from (seed, "grpo", "s:<problem id>") whatever the
+pool size, and the lr is a function of the step; so a checkpoint (adapter, AdamW, RNG) continues
+the same curve (tested in float32).
 
-Sampling from merged weights (the default). A training step waits for hundreds of decode
-steps. Unmerged, every adapted projection adds two small matmuls, two casts of the float32 A
-and B to the activations' dtype and an add to every decode step: few FLOPs (r = 32 against a
-hidden size of 896-2,048), but for a 3B model ~1,000 more kernel launches per step (36 layers
-x 7 projections x ~4) next to the ~1,400 of an eager decode step, which is launch-bound on a
-GPU (an ESTIMATE from the shapes; not yet measured on a GPU). Merged, the engine runs the base
-model's kernels. On this 2-core CPU it makes no measurable difference: Qwen2.5-0.5B shapes with
-random weights, bf16, one thread, 32 rows, 4 x 8 samples of 16 tokens, shared machine:
-1.27-1.50 s per decode step merged against 1.26-1.45 s unmerged over four runs, while merging
-and restoring cost 2-5 s per step (~1% of a step of 512 decode steps). The catch of merging:
-merge_lora/unmerge_lora round W + sBA and back in W's dtype, and in bf16 ~6% of entries come
-back one ulp off (minissb.lora); every step, over hundreds of steps, that would random-walk the
-frozen base weights, which are also the KL reference. So the adapted base weights are copied
-to host memory once (0.7 GB for the 0.5B model, 5.5 GB for the 3B model in bf16) and copied
-back after each sampling phase instead of unmerging: the base is bit for bit the same at every
-step (tested). Merged and unmerged sample the same tokens in float32 (tested); in bf16 the
-logits differ by rounding (W + sBA rounded once against the branch rounded per matmul), the
-noise another pool size also gives, which over hundreds of tokens lets some samples diverge.
---sample-unmerged samples through the branch and needs no copy.
-
-Determinism and resume. The questions of step s are a permutation of the problems drawn from
-(seed, epoch) (as train.py draws its pairs); each question's completions are seeded from
-(seed, "grpo", "s:<problem id>") (runs.problem_seed), so they do not depend on the pool size or
-on what else is sampled; the learning rate is a function of the step. A checkpoint (adapter,
-AdamW, RNG) therefore continues the same curve: a resumed run writes the metrics and the
-adapter of an uninterrupted one (tested in float32).
-
-Read top to bottom: config -> problems and budget (--match-ssb) -> sampling (merged weights,
-requests, rollouts with rewards) -> advantages -> batches and log-probs -> the loss -> the
-update (inner steps x micro-batches) -> the run (start_run, metrics, wall-clock). grpo.py holds
-the loop.
+Read top to bottom: config -> problems and budget (--match-ssb) -> sampling, rewards, advantages ->
+log-probs, the loss and the update (inner steps x micro-batches) -> the run. grpo.py holds the loop.
 """
 
 from __future__ import annotations
@@ -95,21 +60,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from minissb import dist, grader, prompts
+from minissb import distill, dist, grader, prompts
 from minissb.data import Problem, data_file, load_problems
 from minissb.dist import World, barrier
-from minissb.engine import Completion, Engine, Request
+from minissb.engine import Engine, Request
 from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_modules, lora_parameters, merge_lora
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
 from minissb.runs import (check_output_dir, file_sha256, float_range, int_range, problem_seed, read_json, read_jsonl,
                           remove_temp_files, resolve_dtype_name, torch_device, torch_dtype)
 from minissb.tokenizer import Tokenizer
 from minissb.training import (MATPLOTLIB_MISSING, TIMING_FIELDS, NonFiniteLossError, atomic_write_text, autocast,
-                              enable_gradient_checkpointing, epoch_order, load_checkpoint, lr_at, option_flag, read_run_json,
+                              enable_gradient_checkpointing, epoch_order, load_checkpoint, option_flag, read_run_json,
                               resume_plan, truncate_metrics)
 
 # The budget when --match-ssb does not set it: SSB's default run (256 pairs, batch 4, 3 epochs = 192 steps).
@@ -117,9 +81,6 @@ DEFAULT_QUESTIONS_PER_STEP, DEFAULT_EPOCHS, DEFAULT_MAX_STEPS = 4, 1, 192
 ADVANTAGE_EPS = 1e-4  # TRL's: keeps a group whose rewards barely differ from blowing up
 # Timing fields of a metrics line: the only ones a resumed run may write differently.
 GRPO_TIMING_FIELDS = (*TIMING_FIELDS, "sample_time_s", "train_time_s", "train_tokens_per_s")
-PLOTTED = (("reward_mean", "reward (mean)"), ("accuracy", "accuracy of the samples"), ("frac_all_equal", "groups with equal rewards"),
-           ("completion_len", "mean completion length"), ("loss", "loss"), ("kl", "KL to the reference (k3)"),
-           ("clip_frac", "clipped tokens"), ("grad_norm", "grad norm"), ("lr", "learning rate"), ("tokens_per_s", "sampled tokens/s"))
 
 
 # ----------------------------------------------------------------------------- config
@@ -138,36 +99,38 @@ class GRPOConfig:
     system_prompt_file: str | None = None  # None: prompts.SYSTEM_PROMPT
     device: str = "auto"
     dtype: str = "auto"  # bf16 on CUDA and on CPUs with native bf16, else fp32
-    lora_r: int = 32
+    lora_r: int = 32  # r 32, alpha 32, q/k/v/o/gate/up/down, dropout 0: the SSB run's (the paper's)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     grad_checkpointing: bool = False
-    group_size: int = 8  # G
-    questions_per_step: int | None = None  # Q; None: DEFAULT_QUESTIONS_PER_STEP or the SSB run's batch size
-    max_new_tokens: int = 512
-    temperature: float = 1.0
+    group_size: int = 8  # G: TRL GRPOConfig.num_generations
+    questions_per_step: int | None = None  # Q; None: DEFAULT_QUESTIONS_PER_STEP (SSB's 4 pairs a step) or the SSB run's batch
+    max_new_tokens: int = 512  # Qwen2.5's GSM8K solutions take ~150-400
+    temperature: float = 1.0  # T 1.0, no top-k, no top-p: TRL's defaults; samples from exactly pi_theta
     top_k: int | None = None  # 0/None: off
     top_p: float | None = None  # None/1: off
     batch_size: int | None = None  # engine slots; None: Q x G (one step's completions decode together)
     sample_unmerged: bool = False  # sample through the LoRA branch instead of merged weights
     cuda_graphs: bool = False
     format_reward: float = 0.0  # added for a \boxed{} answer, right or wrong
-    no_std: bool = False  # advantages r - mean(r), not divided by the group's std (Dr. GRPO)
-    loss_norm: str = "token"  # "token" (DAPO) or "sequence" (GRPO)
-    clip_eps: float = 0.2
-    beta: float = 0.0  # KL(pi_theta || pi_ref) weight; 0: no reference forward at all
+    no_std: bool = False  # advantages r - mean(r), not divided by the group's std (Dr. GRPO); TRL: scale_rewards "group"
+    loss_norm: str = "token"  # "token" (DAPO; TRL's loss_type "dapo") or "sequence" (GRPO)
+    clip_eps: float = 0.2  # PPO / DeepSeekMath
+    beta: float = 0.0  # KL(pi_theta || pi_ref) weight (TRL: KL off by default); 0: no reference forward at all
     inner_steps: int = 1  # optimizer steps per sampled batch
     micro_batch_size: int = 4  # completions per forward/backward (gradients accumulate; same result)
     loss_chunk_size: int = 256  # positions per LM-head chunk: memory is chunk x vocab float32
+    # TRL's and DeepSeekMath's GRPO lr for full fine-tuning is 1e-6; LoRA wants ~10x (Schulman et al. 2025, "LoRA
+    # Without Regret", rank-free at alpha 32; TRL reproduced it at 1e-5). SSB's 2e-4 is for a supervised loss.
     lr: float = 1e-5
-    lr_schedule: str = "linear"
+    lr_schedule: str = "linear"  # linear decay, no warmup: SSB's schedule
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # weight decay 0 and grad clip 1.0: the Trainer's defaults, as SSB
     max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
     epochs: int | None = None  # None: DEFAULT_EPOCHS or the SSB run's
-    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS or the SSB run's total; 0: no cap
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS (SSB's 256 pairs x 3 epochs / 4) or the SSB run's; 0: no cap
     seed: int = 0
     save_every: int = 25
     keep_checkpoints: int = 1
@@ -200,8 +163,7 @@ OPTION_TYPES = {
 
 
 def check_config(cfg: GRPOConfig) -> GRPOConfig:
-    """The one check of a GRPOConfig: a one-line ValueError for a bad value, before anything
-    loads; returns it with --dtype auto resolved for this machine."""
+    """A one-line ValueError for a bad value, before anything loads; cfg with --dtype auto resolved."""
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype_name(cfg.dtype, torch_device(cfg.device)),
                               lora_targets=tuple(cfg.lora_targets))
     if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
@@ -216,11 +178,10 @@ def check_config(cfg: GRPOConfig) -> GRPOConfig:
     if cfg.batch_size is not None and cfg.batch_size < cfg.group_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than --group-size {cfg.group_size}: "
                          "a question's completions decode together, one engine slot each")
-    if cfg.match_ssb is not None:
-        given = [n for n in ("questions_per_step", "epochs", "max_steps", "limit") if getattr(cfg, n) is not None]
-        if given:
-            raise ValueError(f"--match-ssb sets the problems, the questions per step, the epochs and the steps from "
-                             f"the SSB run; drop {option_flag(given[0])}")
+    given = [n for n in ("questions_per_step", "epochs", "max_steps", "limit") if getattr(cfg, n) is not None]
+    if cfg.match_ssb is not None and given:
+        raise ValueError(f"--match-ssb sets the problems, the questions per step, the epochs and the steps from "
+                         f"the SSB run; drop {option_flag(given[0])}")
     if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after training
         raise ValueError(MATPLOTLIB_MISSING)
     check_output_dir(cfg.out)
@@ -230,38 +191,21 @@ def check_config(cfg: GRPOConfig) -> GRPOConfig:
 # ----------------------------------------------------------------------------- problems and budget
 
 
-@dataclass
-class SSBRun:
-    """What --match-ssb reads from a train.py run directory."""
-
-    dir: Path
-    pairs: Path
-    problem_ids: list[str]  # the pairs' problems, in the pairs file's order
-    questions: dict[str, str]
-    batch_size: int
-    epochs: int
-    total_steps: int
-    seed: int
-    config: dict  # the run's settings (model, LoRA, lr, ...)
-    system_prompt: str | None  # the system turn of its pairs' student chat
-    train_seconds: float | None  # train.py's wall-clock, from its metrics.jsonl
-    sample_seconds: float | None  # sample.py's generation time, from <pairs>.summary.json
-
-
-def wall_clock(metrics: list[dict]) -> float:
-    """Seconds of training a metrics.jsonl records. elapsed_s restarts at 0 in a resumed process,
-    so each stretch counts up to its last line: the sum of those is the whole run's."""
+def wall_clock(metrics_path: Path) -> float | None:
+    """Seconds of training a metrics.jsonl records (None: no file). elapsed_s restarts at 0 in a
+    resumed process, so each stretch counts up to its last line: the whole run is their sum."""
+    if not metrics_path.is_file():
+        return None
     total = prev = 0.0
-    for m in metrics:
+    for m in read_jsonl(metrics_path):
         e = float(m.get("elapsed_s") or 0.0)
-        if e < prev:
-            total += prev
-        prev = e
+        total, prev = total + (prev if e < prev else 0.0), e
     return round(total + prev, 2)
 
 
-def read_ssb_run(run_dir: str | Path) -> SSBRun:
-    """The problems and budget of the SSB (train.py) run in run_dir, checked against its pairs file."""
+def read_ssb_run(run_dir: str | Path) -> dict:
+    """The train.py run in run_dir, checked against its pairs file: its run.json plus dir, pairs, questions (id ->
+    question, in the pairs' order), system_prompt, train_seconds (train.py's), sample_seconds (sample.py's) or None."""
     run_dir = Path(run_dir)
     info = read_run_json(run_dir)
     if info is None or "pairs" not in info["config"] or "total_steps" not in info:
@@ -277,48 +221,67 @@ def read_ssb_run(run_dir: str | Path) -> SSBRun:
     if info.get("data_sha256") and file_sha256(pairs) != info["data_sha256"]:
         raise ValueError(f"--match-ssb {run_dir}: {pairs} changed since that run trained on it")
     records = read_jsonl(pairs, own_output=False)
-    ids = [r.get("id") for r in records]
-    if not ids or not all(isinstance(i, str) and isinstance(r.get("question"), str) for i, r in zip(ids, records)):
+    if not records or not all(isinstance(r.get("id"), str) and isinstance(r.get("question"), str) for r in records):
         raise ValueError(f"--match-ssb {run_dir}: {pairs} holds no pairs with an id and a question")
-    metrics_path = run_dir / "metrics.jsonl"
-    train_seconds = wall_clock(read_jsonl(metrics_path)) if metrics_path.is_file() else None
     summary = pairs.with_name((pairs.stem if pairs.suffix == ".jsonl" else pairs.name) + ".summary.json")
-    sample_seconds = read_json(summary).get("generation_seconds") if summary.is_file() else None
     chat = records[0].get("student_chat")
     system = chat[0].get("content") if isinstance(chat, list) and chat and isinstance(chat[0], dict) and chat[0].get("role") == "system" else None
-    return SSBRun(run_dir, pairs, ids, {r["id"]: r["question"] for r in records}, cfg["batch_size"], cfg["epochs"],
-                  info["total_steps"], int(cfg.get("seed", 0)), cfg, system, train_seconds, sample_seconds)
+    return {**info, "dir": str(run_dir), "pairs": str(pairs), "questions": {r["id"]: r["question"] for r in records},
+            "system_prompt": system, "train_seconds": wall_clock(run_dir / "metrics.jsonl"),
+            "sample_seconds": read_json(summary).get("generation_seconds") if summary.is_file() else None}
 
 
-def resolve_budget(cfg: GRPOConfig, problems: list[Problem], ssb: SSBRun | None) -> tuple[GRPOConfig, list[Problem]]:
-    """The questions per step, epochs and step cap (the defaults, or the SSB run's) and the
-    problems to train on (all, or the SSB run's, in its pairs file's order)."""
+def training_problems(cfg: GRPOConfig) -> tuple[GRPOConfig, list[Problem], dict | None, str, str | None]:
+    """(cfg with the budget: the defaults or the SSB run's, the problems: all or the SSB run's in its pairs'
+    order, the SSB run, the hash of what is trained on, the system prompt)."""
+    ssb = read_ssb_run(cfg.match_ssb) if cfg.match_ssb else None
+    system = prompts.read_prompt_file(cfg.system_prompt_file, teacher=False) if cfg.system_prompt_file else None
+    problems = load_problems(cfg.dataset, split=cfg.split, source=cfg.data, limit=cfg.limit)
+    if not problems:
+        raise ValueError(f"{cfg.dataset}/{cfg.split} has no problems to train on")
     if ssb is None:
-        return dataclasses.replace(
-            cfg, questions_per_step=cfg.questions_per_step or DEFAULT_QUESTIONS_PER_STEP, epochs=cfg.epochs or DEFAULT_EPOCHS,
-            max_steps=DEFAULT_MAX_STEPS if cfg.max_steps is None else cfg.max_steps), problems
-    by_id = {p.id: p for p in problems}
-    missing = [i for i in ssb.problem_ids if i not in by_id]
-    if missing:
-        raise ValueError(f"--match-ssb: problem {missing[0]} of {ssb.pairs} ({len(missing)} of {len(ssb.problem_ids)}) is "
-                         f"not in {cfg.dataset}/{cfg.split} as read from --data: pass the --data sample.py read")
-    chosen = [by_id[i] for i in ssb.problem_ids]
-    changed = [p.id for p in chosen if p.question.strip() != ssb.questions[p.id].strip()]
-    if changed:
-        raise ValueError(f"--match-ssb: problem {changed[0]} reads differently in --data than in {ssb.pairs}: "
-                         "pass the --data sample.py read")
-    return dataclasses.replace(cfg, questions_per_step=ssb.batch_size, epochs=ssb.epochs, max_steps=ssb.total_steps), chosen
+        cfg = dataclasses.replace(cfg, questions_per_step=cfg.questions_per_step or DEFAULT_QUESTIONS_PER_STEP,
+                                  epochs=cfg.epochs or DEFAULT_EPOCHS, max_steps=DEFAULT_MAX_STEPS if cfg.max_steps is None else cfg.max_steps)
+    else:
+        by_id, questions = {p.id: p for p in problems}, ssb["questions"]
+        missing = [i for i in questions if i not in by_id]
+        if missing:
+            raise ValueError(f"--match-ssb: problem {missing[0]} of {ssb['pairs']} ({len(missing)} of {len(questions)}) is "
+                             f"not in {cfg.dataset}/{cfg.split} as read from --data: pass the --data sample.py read")
+        problems = [by_id[i] for i in questions]
+        changed = [p.id for p in problems if p.question.strip() != questions[p.id].strip()]
+        if changed:
+            raise ValueError(f"--match-ssb: problem {changed[0]} reads differently in --data than in {ssb['pairs']}: "
+                             "pass the --data sample.py read")
+        cfg = dataclasses.replace(cfg, questions_per_step=ssb["config"]["batch_size"], epochs=ssb["config"]["epochs"],
+                                  max_steps=ssb["total_steps"])
+    # One hash for what is trained on: the data file, which of its problems, the system prompt.
+    digest = hashlib.sha256(file_sha256(data_file(cfg.dataset, cfg.split, cfg.data)).encode())
+    digest.update(json.dumps([[p.id for p in problems], system]).encode())
+    return cfg, problems, ssb, digest.hexdigest(), system
+
+
+def ssb_mismatches(ssb: dict, cfg: GRPOConfig, system: str | None = None) -> list[str]:
+    """Settings that should match for a fair comparison but differ from the SSB run's (warned about)."""
+    ours = {"model": cfg.model, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets),
+            "dtype": cfg.dtype}
+    theirs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ssb["config"].items() if k in ours}
+    if "model" in theirs:  # a hub id and a local copy of it are the same model: compare the last path part
+        theirs["model"], ours["model"] = (str(m).rstrip("/").rsplit("/", 1)[-1].lower() for m in (theirs["model"], ours["model"]))
+    out = [f"{option_flag(k)} is {ours[k]!r} here but {theirs[k]!r} in the SSB run" for k in theirs if theirs[k] != ours[k]]
+    if ssb["system_prompt"] not in (None, prompts.SYSTEM_PROMPT if system is None else system):
+        out.append("the system prompt differs from the one in the SSB run's pairs (pass the --system-prompt-file sample.py read)")
+    return out
 
 
 def step_problems(problems: list[Problem], step: int, per_step: int, seed: int) -> tuple[list[Problem], int]:
     """(the questions of step `step`, its epoch): consecutive slices of each epoch's order."""
-    steps_per_epoch = math.ceil(len(problems) / per_step)
-    epoch, index = divmod(step, steps_per_epoch)
+    epoch, index = divmod(step, math.ceil(len(problems) / per_step))
     order = epoch_order(len(problems), seed, epoch)
     return [problems[i] for i in order[index * per_step : (index + 1) * per_step]], epoch
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- sampling, rewards and advantages
 
 
 @dataclass
@@ -341,29 +304,18 @@ def base_weight_copy(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def sampling_weights(model: Qwen2ForCausalLM, base_copy: dict[str, torch.Tensor] | None):
-    """Inside: the weights the engine samples with. base_copy None: unchanged (the LoRA branch
-    runs at every decode step). Else W <- W + sBA (merged), and on the way out W is copied back
-    from base_copy and the layer marked unmerged: the base is bit for bit what it was, and no
-    W - sBA is computed (unmerge_lora's rounding is what the copy avoids)."""
-    if base_copy is None:
-        yield model
-        return
-    merge_lora(model)
+    """Inside: the weights the engine samples with. base_copy None: unchanged (the LoRA branch runs
+    at every decode step). Else W <- W + sBA, and on the way out W is copied back from base_copy:
+    bit for bit the base, with none of unmerge_lora's rounding."""
+    if base_copy is not None:
+        merge_lora(model)
     try:
         yield model
     finally:
         with torch.no_grad():
-            for name, m in lora_modules(model):
+            for name, m in lora_modules(model) if base_copy is not None else ():
                 m.weight.copy_(base_copy[name])
                 m.merged = False
-
-
-def question_requests(problems: list[Problem], prompt_ids: dict[str, list[int]], step: int, cfg: GRPOConfig) -> list[Request]:
-    """One engine request per question: G samples seeded from (seed, step, problem id)."""
-    return [Request(prompt=prompt_ids[p.id], max_new_tokens=cfg.max_new_tokens, num_samples=cfg.group_size,
-                    temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
-                    seed=problem_seed(cfg.seed, "grpo", f"{step}:{p.id}"), tag=i)
-            for i, p in enumerate(problems)]
 
 
 def reward(text: str, finished: bool, problem: Problem, format_reward: float = 0.0) -> tuple[float, bool]:
@@ -374,34 +326,29 @@ def reward(text: str, finished: bool, problem: Problem, format_reward: float = 0
     return float(correct) + (format_reward if boxed else 0.0), correct
 
 
-def make_rollout(problem: Problem, prompt: list[int], c: Completion, format_reward: float) -> Rollout:
-    finished = c.finish_reason == "stop"
-    r, correct = reward(c.text or "", finished, problem, format_reward)
-    ids = list(c.token_ids) + ([c.stop_id] if finished else [])
-    return Rollout(problem.id, list(prompt), ids, c.finish_reason, r, correct)
-
-
 def sample_groups(engine: Engine, problems: list[Problem], prompt_ids: dict[str, list[int]], step: int, cfg: GRPOConfig,
                   progress: bool = False) -> list[list[Rollout]]:
-    """The step's Q groups of G rewarded rollouts, in question order (the engine finishes them in any order)."""
+    """The step's groups of G rewarded rollouts, in question order (the engine finishes them in any
+    order); each question's samples are seeded from (seed, step, problem id) alone."""
+    requests = [Request(prompt=prompt_ids[p.id], max_new_tokens=cfg.max_new_tokens, num_samples=cfg.group_size,
+                        temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                        seed=problem_seed(cfg.seed, "grpo", f"{step}:{p.id}"), tag=i) for i, p in enumerate(problems)]
     groups: list[list[Rollout] | None] = [None] * len(problems)
-    bar = tqdm(total=len(problems), desc=f"sample {step + 1}", unit="q", leave=False, disable=not progress, dynamic_ncols=True)
-    for out in engine.run(question_requests(problems, prompt_ids, step, cfg)):
-        i = out.request.tag
-        groups[i] = [make_rollout(problems[i], out.request.prompt, c, cfg.format_reward) for c in out.completions]
-        bar.update(1)
-    bar.close()
+    for out in tqdm(engine.run(requests), total=len(problems), desc=f"sample {step + 1}", unit="q", leave=False,
+                    disable=not progress, dynamic_ncols=True):
+        p, group = problems[out.request.tag], []
+        for c in out.completions:
+            finished = c.finish_reason == "stop"
+            r, correct = reward(c.text or "", finished, p, cfg.format_reward)
+            ids = list(c.token_ids) + ([c.stop_id] if finished else [])
+            group.append(Rollout(p.id, list(out.request.prompt), ids, c.finish_reason, r, correct))
+        groups[out.request.tag] = group
     return groups
 
 
-# ----------------------------------------------------------------------------- advantages
-
-
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = ADVANTAGE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """rewards (Q, G) -> (advantages (Q, G), all_equal (Q,) bool).
-
-    A = r - mean(r) per group, divided by (std(r) + eps) with Bessel's correction unless
-    scale_by_std is False. A group whose rewards are all equal gets A = 0 exactly and is flagged."""
+    """rewards (Q, G) -> (advantages (Q, G), all_equal (Q,) bool): r - mean(r) per group, over
+    (std(r) + eps) with Bessel's correction unless not scale_by_std; an all-equal group gets exactly 0."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (questions, G >= 2), got shape {tuple(rewards.shape)}")
     adv = rewards - rewards.mean(dim=1, keepdim=True)
@@ -421,61 +368,34 @@ def assign_advantages(groups: list[list[Rollout]], cfg: GRPOConfig) -> list[bool
     return all_equal.tolist()
 
 
-# ----------------------------------------------------------------------------- batches and log-probs
+# ----------------------------------------------------------------------------- log-probs, the loss and the update
 
 
 @dataclass
-class Batch:
-    ids: torch.Tensor  # (B, T) prompt + completion minus its last token, right-padded
-    attention_mask: torch.Tensor | None  # (B, T) bool; None when no row is padded
-    loss_mask: torch.Tensor  # (B, T) bool: positions P-1 .. P+n-2, each predicting a completion token
-    labels: torch.Tensor  # (N,) the completion tokens, rollout by rollout (the mask's row-major order)
-    n_real: int  # real input tokens
-
-
-def collate(rollouts: list[Rollout], pad_id: int, device) -> Batch:
-    """Right-pad rollouts into one batch. The last completion token is only ever a label."""
-    rows = [r.prompt_ids + r.completion_ids[:-1] for r in rollouts]
-    T = max(len(row) for row in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), T), dtype=torch.bool)
-    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for b, (row, r) in enumerate(zip(rows, rollouts)):
-        P, n = len(r.prompt_ids), len(r.completion_ids)
-        ids[b, : len(row)] = torch.tensor(row)
-        attn[b, : len(row)] = True
-        loss_mask[b, P - 1 : P - 1 + n] = True
-    labels = torch.tensor([t for r in rollouts for t in r.completion_ids])
-    n_real = int(attn.sum())
-    attention_mask = None if n_real == attn.numel() else attn.to(device)  # no padding: SDPA's plain causal path
-    return Batch(ids.to(device), attention_mask, loss_mask.to(device), labels.to(device), n_real)
+class Batch(distill.Batch):  # ids (B, T) right-padded, loss_mask (B, T), attention_mask, n_real: distill.collate's
+    labels: torch.Tensor  # (N,) the completion tokens, rollout by rollout (the loss mask's row-major order)
 
 
 def _chunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(h W^T / T)[label] for a chunk of rows: (n, D) -> (n,), in float32 (float64 for float64)."""
-    logits = F.linear(hidden, weight)  # (n, V) in the weights' dtype, like the model's own logits
+    logits = torch.nn.functional.linear(hidden, weight)  # (n, V) in the weights' dtype, like the model's own logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return logits.log_softmax(dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
 def completion_logprobs(model: Qwen2ForCausalLM, batch: Batch, temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of every completion token of `batch`: (N,), differentiable.
-
-    One training forward for the hidden states, then the LM head a chunk of positions at a
-    time. With gradients on, each chunk is checkpointed: its (chunk, V) float32 logits are
-    dropped after the forward and recomputed in backward, so no (N, V) tensor ever exists.
-    temperature: the sampling temperature, so rho and the KL are about the sampled distribution (as TRL)."""
+    """log pi(o_t | q, o_<t) of every completion token of `batch`: (N,), differentiable. With
+    gradients on, each LM-head chunk is checkpointed: its (chunk, V) float32 logits are recomputed
+    in backward, so no (N, V) tensor ever exists. temperature: the sampling one (as TRL)."""
     with autocast(model.device, model.dtype):
         hidden = model.hidden_states(batch.ids, attention_mask=batch.attention_mask)  # (B, T, D)
-        rows = hidden[batch.loss_mask]  # (N, D), rollout by rollout
-        weight = model.lm_head.weight
-        out = []
+        rows, weight, out = hidden[batch.loss_mask], model.lm_head.weight, []  # rows (N, D), rollout by rollout
         for s in range(0, rows.shape[0], chunk_size):
-            h, y = rows[s : s + chunk_size], batch.labels[s : s + chunk_size]
+            args = (rows[s : s + chunk_size], batch.labels[s : s + chunk_size], weight, temperature)
             if torch.is_grad_enabled():
-                out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, h, y, weight, temperature, use_reentrant=False))
+                out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
             else:
-                out.append(_chunk_logprobs(h, y, weight, temperature))
+                out.append(_chunk_logprobs(*args))
     return torch.cat(out)
 
 
@@ -484,9 +404,6 @@ def reference_logprobs(model: Qwen2ForCausalLM, batch: Batch, cfg: GRPOConfig) -
     """log pi_ref of the completion tokens: the same weights with every adapter off."""
     with adapters_disabled(model):
         return completion_logprobs(model, batch, cfg.temperature, cfg.loss_chunk_size)
-
-
-# ----------------------------------------------------------------------------- the loss
 
 
 def token_weights(lengths: list[int], norm: str = "token") -> torch.Tensor:
@@ -502,20 +419,15 @@ class LossParts:
     loss: torch.Tensor  # scalar sum_t w_t l_t; call .backward() on it
     kl_sum: float  # sum over these tokens of KL_t (0 without a reference)
     clipped: int  # tokens whose clip is active (their gradient is zero)
-    n_tokens: int
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
               clip_eps: float = 0.2, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None) -> LossParts:
-    """The clipped GRPO objective over N tokens (all (N,)): sum_t w_t (-min(rho A, clip(rho) A) + beta KL_t).
-
-    rho = exp(logprobs - old_logprobs); old_logprobs = logprobs.detach() gives rho = 1 and the
-    plain policy gradient. A token counts as clipped where the clipped term is the smaller one
-    and flat: rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0 (at 1 +- eps it still learns)."""
+    """The clipped GRPO objective over N tokens (all (N,)): sum_t w_t (-min(rho A, clip(rho) A) + beta KL_t),
+    rho = exp(logprobs - old_logprobs). A token counts as clipped where the clipped term is the smaller
+    one and flat: rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0 (at 1 +- eps it still learns)."""
     ratio = torch.exp(logprobs - old_logprobs.detach())
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
+    per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
     kl_sum = 0.0
     if beta > 0:
         if ref_logprobs is None:
@@ -525,10 +437,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         per_token = per_token + beta * kl
         kl_sum = kl.detach().sum().item()
     active = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
-    return LossParts((weights * per_token).sum(), kl_sum, int(active.sum()), logprobs.numel())
-
-
-# ----------------------------------------------------------------------------- the update
+    return LossParts((weights * per_token).sum(), kl_sum, int(active.sum()))
 
 
 @dataclass
@@ -542,18 +451,22 @@ class MicroBatch:
 
 
 def micro_batches(rollouts: list[Rollout], cfg: GRPOConfig, pad_id: int, device, world: World = World()) -> list[MicroBatch]:
-    """The update's rollouts in forward-sized pieces, sorted by length (less padding), each with
-    its tokens' advantages and loss weights (computed over all rollouts: the pieces sum to the loss).
-    Under torchrun a rank keeps every world-th rollout of that order (similar lengths per rank)."""
+    """The update's rollouts in forward-sized pieces, sorted by length (less padding), with their
+    tokens' advantages and loss weights (over all rollouts: the pieces sum to the loss). Under
+    torchrun a rank keeps every world-th rollout of that order (similar lengths per rank)."""
     rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
-    weights = token_weights([len(r.completion_ids) for r in rollouts], cfg.loss_norm).split(
-        [len(r.completion_ids) for r in rollouts])
-    rollouts, weights = rollouts[world.rank :: world.size], weights[world.rank :: world.size]
-    out, mb = [], cfg.micro_batch_size
+    lengths = [len(r.completion_ids) for r in rollouts]
+    weights = token_weights(lengths, cfg.loss_norm).split(lengths)
+    rollouts, weights, mb = rollouts[world.rank :: world.size], weights[world.rank :: world.size], cfg.micro_batch_size
+    out = []
     for s in range(0, len(rollouts), mb):
         part = rollouts[s : s + mb]
-        adv = torch.tensor([r.advantage for r in part for _ in r.completion_ids], dtype=torch.float32)
-        out.append(MicroBatch(part, collate(part, pad_id, device), adv.to(device), torch.cat(weights[s : s + mb]).to(device)))
+        # A row is prompt + completion minus its last token (only ever a label): positions P-1 .. P+n-2 predict the completion.
+        rows = [(r.prompt_ids + r.completion_ids[:-1], len(r.prompt_ids) - 1, len(r.completion_ids)) for r in part]
+        labels = torch.tensor([t for r in part for t in r.completion_ids], device=device)
+        batch = Batch(**vars(distill.collate(rows, pad_id, device)), labels=labels)
+        adv = torch.tensor([r.advantage for r in part for _ in r.completion_ids], dtype=torch.float32, device=device)
+        out.append(MicroBatch(part, batch, adv, torch.cat(weights[s : s + mb]).to(device)))
     return out
 
 
@@ -570,30 +483,27 @@ def accumulate_gradients(model: Qwen2ForCausalLM, micro: list[MicroBatch], cfg: 
             mb.old = lp.detach()  # on-policy: rho = 1 at the first inner step
         parts = grpo_loss(lp, mb.old, mb.advantages, mb.weights, cfg.clip_eps, cfg.beta, mb.ref)
         if not torch.isfinite(parts.loss):  # raised by policy_update after the sums: other ranks would wait forever
-            ids = sorted({r.problem_id for r in mb.rollouts})
             sums["non_finite"] += 1
-            sums.setdefault("bad", f"loss ({parts.loss.item()}) {where}, problems {', '.join(ids)}")
+            ids = ", ".join(sorted({r.problem_id for r in mb.rollouts}))
+            sums.setdefault("bad", f"loss ({parts.loss.item()}) {where}, problems {ids}")
             continue
         parts.loss.backward()
-        sums["loss"] += parts.loss.item()
-        sums["kl_sum"] += parts.kl_sum
-        sums["clipped"] += parts.clipped
-        sums["tokens"] += parts.n_tokens
-        sums["input_tokens"] += mb.batch.n_real
+        for key, value in (("loss", parts.loss.item()), ("kl_sum", parts.kl_sum), ("clipped", parts.clipped),
+                           ("tokens", lp.numel()), ("input_tokens", mb.batch.n_real)):
+            sums[key] += value
     return sums
 
 
 def policy_update(model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, rollouts: list[Rollout], cfg: GRPOConfig,
                   lrs: list[float], pad_id: int, where: str = "", world: World = World()) -> dict:
-    """cfg.inner_steps AdamW steps on one sampled batch (lrs: one per inner step); their mean
-    loss, KL and clip fraction, and the last grad norm. No rollouts (every group all equal): no step.
-    Under torchrun every rank holds all rollouts, does its share of the forwards and backwards,
-    and the gradients and sums are added over ranks before the (identical) AdamW step."""
+    """len(lrs) AdamW steps on one sampled batch (none without rollouts): the mean loss, KL and clip fraction,
+    the last grad norm. Under torchrun every rank holds all rollouts, does its share of the forwards and
+    backwards, and the gradients and sums are added over ranks before the (identical) AdamW step."""
     if not rollouts:
         return {"loss": None, "kl": None, "clip_frac": None, "grad_norm": None, "train_tokens": 0, "input_tokens": 0}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     micro = micro_batches(rollouts, cfg, pad_id, model.device, world)
-    losses, kls, clips, n_input, grad_norm = [], [], [], 0, 0.0
+    steps = []
     for k, lr in enumerate(lrs):
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -604,19 +514,16 @@ def policy_update(model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, rol
             raise NonFiniteLossError(f"non-finite {bad or f'loss on another rank {where}'}; "
                                      f"lower --lr ({cfg.lr:g}) or check --beta ({cfg.beta:g})")
         dist.sum_grads(world, params)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        if not math.isfinite(grad_norm):
+        s["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf).item()
+        if not math.isfinite(s["grad_norm"]):
             raise NonFiniteLossError(f"non-finite gradient norm {where}, inner step {k + 1}; lower --lr ({cfg.lr:g})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(s["loss"])
-        kls.append(s["kl_sum"] / s["tokens"])
-        clips.append(s["clipped"] / s["tokens"])
-        n_input += s["input_tokens"]
-    K = len(lrs)
-    return {"loss": sum(losses) / K, "kl": sum(kls) / K if cfg.beta > 0 else None, "clip_frac": sum(clips) / K,
-            "grad_norm": grad_norm, "train_tokens": sum(len(r.completion_ids) for r in rollouts), "input_tokens": n_input}
+        steps.append(s)
+    K = len(steps)
+    return {"loss": sum(s["loss"] for s in steps) / K, "clip_frac": sum(s["clipped"] / s["tokens"] for s in steps) / K,
+            "kl": sum(s["kl_sum"] / s["tokens"] for s in steps) / K if cfg.beta > 0 else None, "grad_norm": steps[-1]["grad_norm"],
+            "train_tokens": sum(len(r.completion_ids) for r in rollouts), "input_tokens": sum(s["input_tokens"] for s in steps)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -638,52 +545,9 @@ class GRPORun:
     total_steps: int
     warmup_steps: int  # in optimizer steps (total_steps x inner_steps of them)
     start_step: int
-    fingerprint: dict
+    fingerprint: dict  # the trajectory settings a checkpoint must match
     data_sha256: str
-    info: dict  # run.json
-    ssb: SSBRun | None = None
-    world: World = World()  # torchrun's ranks (minissb.dist); a world of one without it
-
-    def lrs(self, step: int) -> list[float]:
-        """The learning rate of each inner step of `step` (the schedule spans every optimizer step)."""
-        k = self.cfg.inner_steps
-        return [lr_at(step * k + i, self.total_steps * k, self.cfg.lr, self.warmup_steps, self.cfg.min_lr_ratio,
-                      self.cfg.lr_schedule) for i in range(k)]
-
-
-def training_problems(cfg: GRPOConfig) -> tuple[GRPOConfig, list[Problem], SSBRun | None, str, str | None]:
-    """(cfg with its budget, the problems, the SSB run, the hash of what is trained on, the system prompt)."""
-    ssb = read_ssb_run(cfg.match_ssb) if cfg.match_ssb else None
-    system = prompts.read_prompt_file(cfg.system_prompt_file, teacher=False) if cfg.system_prompt_file else None
-    problems = load_problems(cfg.dataset, split=cfg.split, source=cfg.data, limit=cfg.limit)
-    if not problems:
-        raise ValueError(f"{cfg.dataset}/{cfg.split} has no problems to train on")
-    cfg, problems = resolve_budget(cfg, problems, ssb)
-    # One hash for what is trained on: the data file, which of its problems, the system prompt.
-    digest = hashlib.sha256(file_sha256(data_file(cfg.dataset, cfg.split, cfg.data)).encode())
-    digest.update(json.dumps([[p.id for p in problems], system]).encode())
-    return cfg, problems, ssb, digest.hexdigest(), system
-
-
-def load_policy(cfg: GRPOConfig, problems: list[Problem], system: str | None, world: World = World()):
-    """(model with a fresh LoRA, tokenizer, prompt ids per problem, engine, model dir)."""
-    device, dtype = torch_device(cfg.device), torch_dtype(cfg.dtype)
-    model_dir = resolve_model_dir(cfg.model)
-    tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
-    model = from_pretrained(model_dir, dtype=dtype, device=device)
-    texts = [tok.render_chat(prompts.student_chat(p.question, system), add_generation_prompt=True) for p in problems]
-    prompt_ids = {p.id: ids for p, ids in zip(problems, tok.encode_batch(texts))}
-    max_len = max(len(ids) for ids in prompt_ids.values()) + cfg.max_new_tokens
-    if max_len > model.config.max_position_embeddings:
-        raise ValueError(f"the longest prompt + --max-new-tokens {cfg.max_new_tokens} = {max_len} tokens exceeds the model's "
-                         f"max_position_embeddings {model.config.max_position_embeddings}")
-    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()  # only LoRA dropout reads it; the engine samples in eval mode
-    slots = cfg.batch_size or math.ceil(cfg.questions_per_step / world.size) * cfg.group_size  # this rank's questions
-    engine = Engine(model, slots, max_len, stop_ids=tok.stop_ids, tokenizer=tok, cuda_graphs=cfg.cuda_graphs)
-    return model, tok, prompt_ids, engine, model_dir
+    ssb: dict | None  # read_ssb_run's, with --match-ssb
 
 
 def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
@@ -696,12 +560,26 @@ def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
     fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
     resume, note = resume_plan(out, cfg.resume, fingerprint, data_sha, data_name="training problems")
     barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
-    model, tok, prompt_ids, engine, model_dir = load_policy(cfg, problems, system, world)
+
+    model_dir = resolve_model_dir(cfg.model)
+    tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
+    model = from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype), device=torch_device(cfg.device))
+    texts = [tok.render_chat(prompts.student_chat(p.question, system), add_generation_prompt=True) for p in problems]
+    prompt_ids = {p.id: ids for p, ids in zip(problems, tok.encode_batch(texts))}
+    max_len = max(len(ids) for ids in prompt_ids.values()) + cfg.max_new_tokens
+    if max_len > model.config.max_position_embeddings:
+        raise ValueError(f"the longest prompt + --max-new-tokens {cfg.max_new_tokens} = {max_len} tokens exceeds the model's "
+                         f"max_position_embeddings {model.config.max_position_embeddings}")
+    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()  # only LoRA dropout reads it; the engine samples in eval mode
+    slots = cfg.batch_size or math.ceil(cfg.questions_per_step / world.size) * cfg.group_size  # this rank's questions
+    engine = Engine(model, slots, max_len, stop_ids=tok.stop_ids, tokenizer=tok, cuda_graphs=cfg.cuda_graphs)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(problems) / cfg.questions_per_step)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     warmup_steps = round(cfg.warmup_ratio * total_steps * cfg.inner_steps)
-
     start_step = load_checkpoint(out, model, optimizer, model.device, fingerprint, data_sha, "training problems")["step"] if resume else 0
     base_copy = None if cfg.sample_unmerged else base_weight_copy(model)  # after loading: the base weights only
     info = {"world_size": world.size, "config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_problems": len(problems),
@@ -709,8 +587,8 @@ def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
             "warmup_steps": warmup_steps, "device": str(model.device), "model_dir": str(model_dir),
             "engine_slots": engine.num_slots, "engine_max_len": engine.max_len,
             "trainable_params": sum(p.numel() for p in lora_parameters(model)),
-            "match_ssb": None if ssb is None else {"dir": str(ssb.dir), "pairs": str(ssb.pairs), "n_pairs": len(ssb.problem_ids),
-                                                   "total_steps": ssb.total_steps, "train_seconds": ssb.train_seconds}}
+            "match_ssb": None if ssb is None else {"dir": ssb["dir"], "pairs": ssb["pairs"], "n_pairs": len(ssb["questions"]),
+                                                   "total_steps": ssb["total_steps"], "train_seconds": ssb["train_seconds"]}}
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for folder in (out, out / "checkpoints", out / "adapter"):
@@ -718,81 +596,18 @@ def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
         truncate_metrics(out / "metrics.jsonl", start_step)
         atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
 
-    Q, G = cfg.questions_per_step, cfg.group_size
-    say(f"{len(problems)} problems, {Q} questions x {G} completions per step, {steps_per_epoch} steps/epoch x {cfg.epochs} "
-        f"epochs -> {total_steps} steps ({cfg.inner_steps} optimizer step(s) each); {info['trainable_params']:,} LoRA "
-        f"parameters on {model.device}; sampling {'unmerged' if cfg.sample_unmerged else 'merged'}, {engine.num_slots} slots")
+    say(f"{len(problems)} problems, {cfg.questions_per_step} questions x {cfg.group_size} completions per step, "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs -> {total_steps} steps ({cfg.inner_steps} optimizer step(s) "
+        f"each); {info['trainable_params']:,} LoRA parameters on {model.device}; sampling "
+        f"{'unmerged' if cfg.sample_unmerged else 'merged'}, {engine.num_slots} slots")
     if ssb is not None:
-        say(ssb_budget_line(ssb, seed_matches=cfg.seed == ssb.seed))
+        order = "the same order" if cfg.seed == int(ssb["config"].get("seed", 0)) else "another order (another --seed)"
+        say(f"--match-ssb {ssb['dir']}: the SSB run's {len(problems)} problems, {cfg.questions_per_step} per step, "
+            f"{cfg.epochs} epochs -> {ssb['total_steps']} steps, in {order}")
         for line in ssb_mismatches(ssb, cfg, system) if world.is_main else []:
             warnings.warn(f"--match-ssb: {line}: the comparison is not like for like")
     for line in filter(None, [note, start_step and f"resuming from step {start_step} of {total_steps}"]):
         say(line)
     return GRPORun(cfg, model, tok, engine, optimizer, problems, prompt_ids, base_copy, steps_per_epoch, total_steps,
-                   warmup_steps, start_step, fingerprint, data_sha, info, ssb, world)
+                   warmup_steps, start_step, fingerprint, data_sha, ssb)
 
-
-def ssb_budget_line(ssb: SSBRun, seed_matches: bool) -> str:
-    order = "in the same order" if seed_matches else "in another order (another --seed)"
-    times = "" if ssb.train_seconds is None else f"; SSB's training took {ssb.train_seconds:,.1f} s"
-    return (f"--match-ssb {ssb.dir}: the SSB run's {len(ssb.problem_ids)} problems, {ssb.batch_size} per step, {ssb.epochs} "
-            f"epochs -> {ssb.total_steps} steps, {order}{times}")
-
-
-def ssb_mismatches(ssb: SSBRun, cfg: GRPOConfig, system: str | None = None) -> list[str]:
-    """Settings that should match for a fair comparison but differ from the SSB run's (warned about)."""
-    ours = {"model": cfg.model, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets),
-            "dtype": cfg.dtype}
-    theirs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ssb.config.items() if k in ours}
-    if "model" in theirs:  # a hub id and a local copy of it are the same model: compare the last path part
-        theirs["model"], ours["model"] = (str(m).rstrip("/").rsplit("/", 1)[-1].lower() for m in (theirs["model"], ours["model"]))
-    out = [f"{option_flag(k)} is {ours[k]!r} here but {theirs[k]!r} in the SSB run" for k in theirs if theirs[k] != ours[k]]
-    ours_system = prompts.SYSTEM_PROMPT if system is None else system
-    if ssb.system_prompt is not None and ssb.system_prompt != ours_system:
-        out.append("the system prompt differs from the one in the SSB run's pairs (pass the --system-prompt-file sample.py read)")
-    return out
-
-
-def step_metrics(step: int, run: GRPORun, groups: list[list[Rollout]], all_equal: list[bool], update: dict,
-                 times: tuple[float, float, float, float]) -> dict:
-    """The metrics line of one step. times: (step start, sampling done, update done, run start)."""
-    t0, t_sampled, t_done, t_start = times
-    flat = [r for g in groups for r in g]
-    sampled = sum(len(r.completion_ids) for r in flat)
-    line = {
-        "step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4),
-        "reward_mean": sum(r.reward for r in flat) / len(flat), "accuracy": sum(r.correct for r in flat) / len(flat),
-        "frac_all_equal": sum(all_equal) / len(groups), "groups_skipped": sum(all_equal),
-        "completion_len": sampled / len(flat), "frac_truncated": sum(r.finish_reason == "length" for r in flat) / len(flat),
-        "loss": update["loss"], "kl": update["kl"], "clip_frac": update["clip_frac"], "grad_norm": update["grad_norm"],
-        "lr": run.lrs(step)[-1], "train_tokens": update["train_tokens"],
-        "tokens_per_s": round(sampled / max(t_sampled - t0, 1e-9), 1),
-        "train_tokens_per_s": round(update["input_tokens"] / max(t_done - t_sampled, 1e-9), 1),
-        "sample_time_s": round(t_sampled - t0, 4), "train_time_s": round(t_done - t_sampled, 4),
-        "step_time_s": round(t_done - t0, 4), "elapsed_s": round(t_done - t_start, 2),
-    }
-    if run.model.device.type == "cuda":
-        line["cuda_max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.model.device) / 2**30, 3)
-    return line
-
-
-def wall_clock_report(run: GRPORun, metrics_path: Path) -> str:
-    """The wall-clock of this run's training, next to the SSB run's when --match-ssb."""
-    ours = wall_clock(read_jsonl(metrics_path)) if metrics_path.is_file() else 0.0
-    text = f"wall-clock: GRPO {ours:,.1f} s of training ({run.total_steps} steps)"
-    if run.ssb is not None:
-        ssb = run.ssb
-        train_s = "unknown (no metrics.jsonl)" if ssb.train_seconds is None else f"{ssb.train_seconds:,.1f} s"
-        sample_s = "" if ssb.sample_seconds is None else f" after {ssb.sample_seconds:,.1f} s of sample.py generation"
-        text += f"; SSB train.py {train_s} ({ssb.total_steps} steps){sample_s}"
-    return text
-
-
-__all__ = [
-    "GRPOConfig", "NonFiniteLossError", "OPTION_TYPES", "TRAJECTORY_FIELDS", "GRPO_TIMING_FIELDS", "PLOTTED", "check_config",
-    "SSBRun", "read_ssb_run", "resolve_budget", "wall_clock", "epoch_order", "step_problems",
-    "Rollout", "base_weight_copy", "sampling_weights", "question_requests", "reward", "sample_groups",
-    "group_advantages", "assign_advantages", "Batch", "collate", "completion_logprobs", "reference_logprobs",
-    "token_weights", "LossParts", "grpo_loss", "MicroBatch", "micro_batches", "accumulate_gradients", "policy_update",
-    "GRPORun", "start_run", "ssb_mismatches", "step_metrics", "wall_clock_report",
-]
