@@ -34,7 +34,6 @@ adapter, the AdamW state and the RNG states to continue exactly where the run st
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -42,18 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 
 from minissb import dist
-from minissb.dist import World, barrier
+from minissb.dist import World
 from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_parameters
 from minissb.loss import LossOutput, kd_loss
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
-from minissb.runs import check_output_dir, file_sha256, model_identity, float_range, int_range, remove_temp_files, resolve_dtype_name, torch_device, torch_dtype
+from minissb.runs import file_sha256, float_range, int_range, model_identity, resolve_dtype_name, torch_device, torch_dtype
 from minissb.targets import CapturedTargets, dtype_name, targets_dir_for
 from minissb.tokenizer import Tokenizer
-from minissb.training import (MATPLOTLIB_MISSING, NonFiniteLossError, epoch_order, atomic_write_text, autocast, enable_gradient_checkpointing,
-                              load_checkpoint, option_flag, resume_plan, truncate_metrics)
+from minissb.training import (NonFiniteLossError, autocast, check_options, check_plot_and_out, enable_gradient_checkpointing,
+                              epoch_order, load_checkpoint, plan_run, write_run_json)
 
 
 @dataclass
@@ -225,9 +223,8 @@ def build_examples(
         n = len(completion)
         if longest_prompt + n > max_seq_len:
             side = "teacher" if teacher_prompt and len(teacher_prompt) > len(student_prompt) else "student"
-            need = longest_prompt + n
             if not truncate:
-                raise ValueError(f"{where}: the {side} sequence has {need} tokens, more than --max-seq-len "
+                raise ValueError(f"{where}: the {side} sequence has {longest_prompt + n} tokens, more than --max-seq-len "
                                  f"{max_seq_len}; raise --max-seq-len or pass --truncate")
             n = max_seq_len - longest_prompt
             if n < 1:
@@ -299,9 +296,6 @@ class CapturedTeacher:
         return self.store.read(ex.id, self.solutions[ex.id])[: ex.n]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -312,12 +306,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.teacher not in ("captured", "online"):
         raise ValueError(f"--teacher must be captured or online, got {cfg.teacher!r}")
     assert cfg.lr_schedule in ("linear", "cosine") and cfg.student_input in ("chat", "flat"), "train.py's choices"
-    if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
-        raise ValueError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
-    for name, kind in OPTION_TYPES.items():
-        value = getattr(cfg, name)
-        if value is not None and kind.problem(value):
-            raise ValueError(f"{option_flag(name)} {kind.problem(value)}")
+    check_options(cfg, OPTION_TYPES)
     mb = cfg.micro_batch_size
     if mb is not None and not mb <= cfg.batch_size:
         raise ValueError(f"--micro-batch-size must be between 1 and --batch-size {cfg.batch_size}, got {mb}")
@@ -325,9 +314,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError("--fsdp shards the base over torchrun's ranks: launch with torchrun --nproc_per_node 2 or more")
     if cfg.kd_weight == cfg.ce_weight == 0:
         raise ValueError("--kd-weight and --ce-weight are both 0: nothing to train on; set one of them > 0")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after training
-        raise ValueError(MATPLOTLIB_MISSING)
-    check_output_dir(cfg.out)
+    check_plot_and_out(cfg)
     return cfg
 
 
@@ -358,27 +345,23 @@ def online_teacher_hidden(model: Qwen2ForCausalLM, batch: list[Example], pad_id:
 
 def micro_batch_loss(model: Qwen2ForCausalLM, batch: list[Example], cfg: TrainConfig, pad_id: int,
                      captured: CapturedTeacher | None = None) -> tuple[LossOutput, int]:
-    """The loss of one micro-batch (a token mean over its trained positions) and its number of input tokens.
-
-    Online teacher (captured None): the same model with its LoRA branches off reads the hinted
-    prompts, under no_grad; its hidden states at the trained positions become the targets.
-    Captured: those hidden states come from disk. Either way kd_loss applies the LM head.
-    """
+    """The loss of one micro-batch (a token mean over its trained positions) and its number of input
+    tokens. The teacher's hidden states come from online_teacher_hidden (captured None) or from
+    disk; either way kd_loss applies the LM head."""
     device, dtype = model.device, model.dtype
     student = collate([(ex.student_ids, ex.student_start, ex.n) for ex in batch], pad_id, device)
     labels = torch.tensor([t for ex in batch for t in ex.labels], device=device)  # (N,)
     n_input = student.n_real
-    teacher_kw = {}
     if captured is None:
-        teacher_kw["teacher_hidden"], n_teacher = online_teacher_hidden(model, batch, pad_id)
+        teacher_hidden, n_teacher = online_teacher_hidden(model, batch, pad_id)
         n_input += n_teacher
     else:  # pair by pair, position by position: the order of the student's loss mask
-        teacher_kw["teacher_hidden"] = torch.cat([captured.rows(ex) for ex in batch]).to(device, dtype)  # (N, D)
+        teacher_hidden = torch.cat([captured.rows(ex) for ex in batch]).to(device, dtype)  # (N, D)
     with autocast(device, dtype):
         hidden = model.hidden_states(student.ids, attention_mask=student.attention_mask)  # (B, T, D)
-        res = kd_loss(hidden, model.lm_head.weight, mask=student.loss_mask, targets=labels,
-                      temperature=cfg.temperature, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-                      chunk_size=cfg.loss_chunk_size, **teacher_kw)
+        res = kd_loss(hidden, model.lm_head.weight, mask=student.loss_mask, targets=labels, temperature=cfg.temperature,
+                      kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, chunk_size=cfg.loss_chunk_size,
+                      teacher_hidden=teacher_hidden)
     return res, n_input
 
 
@@ -412,9 +395,7 @@ def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun:
     online = cfg.teacher == "online"
     pairs = load_pairs(cfg.pairs, need_teacher_chat=online)
     data_sha = file_sha256(cfg.pairs)
-    fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
-    resume, note = resume_plan(out, cfg.resume, fingerprint, data_sha)
-    barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
+    fingerprint, resume, note = plan_run(cfg, TRAJECTORY_FIELDS, data_sha, world)
 
     model_dir = resolve_model_dir(cfg.model)
     tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
@@ -449,11 +430,7 @@ def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun:
             "device": str(device), "world_size": world.size, "model_dir": str(model_dir),
             "trainable_params": sum(p.numel() for p in params)}
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for folder in (out, out / "checkpoints", out / "adapter"):
-            remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
-        truncate_metrics(out / "metrics.jsonl", start_step)  # starting over (0) keeps no line of the earlier attempt
-        atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+        write_run_json(out, info, start_step)
 
     ranks = f", {world.size} ranks of ~{cfg.batch_size / world.size:.3g} pairs" if world.distributed else ""
     say(f"{len(examples)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs -> {total_steps} steps (batch "
@@ -522,8 +499,6 @@ def optimizer_step(run: TrainRun, batch: list[Example], cfg: TrainConfig, lr: fl
             "completion_len": n_batch / len(batch), "input_tokens": int(sums["input_tokens"])}
 
 
-__all__ = [
-    "TrainConfig", "NonFiniteLossError", "Example", "load_pairs", "build_examples", "collate", "epoch_order",
-    "micro_batch_loss", "online_teacher_hidden", "CapturedTeacher", "TrainRun", "start_run", "batch_at", "optimizer_step",
-    "check_config",
-]
+__all__ = ["TrainConfig", "NonFiniteLossError", "Example", "load_pairs", "build_examples", "collate", "epoch_order",
+           "micro_batch_loss", "online_teacher_hidden", "CapturedTeacher", "TrainRun", "start_run", "batch_at", "optimizer_step",
+           "check_config"]

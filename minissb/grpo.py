@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import warnings
@@ -65,16 +64,16 @@ from tqdm import tqdm
 
 from minissb import distill, dist, grader, prompts
 from minissb.data import Problem, data_file, load_problems
-from minissb.dist import World, barrier
+from minissb.dist import World
 from minissb.engine import Engine, Request
 from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_modules, lora_parameters, merge_lora
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
-from minissb.runs import (check_output_dir, file_sha256, float_range, int_range, problem_seed, read_json, read_jsonl,
-                          remove_temp_files, resolve_dtype_name, torch_device, torch_dtype)
+from minissb.runs import (file_sha256, float_range, int_range, problem_seed, read_json, read_jsonl, resolve_dtype_name,
+                          torch_device, torch_dtype)
 from minissb.tokenizer import Tokenizer
-from minissb.training import (MATPLOTLIB_MISSING, TIMING_FIELDS, NonFiniteLossError, atomic_write_text, autocast,
-                              enable_gradient_checkpointing, epoch_order, load_checkpoint, option_flag, read_run_json,
-                              resume_plan, truncate_metrics)
+from minissb.training import (TIMING_FIELDS, NonFiniteLossError, autocast, check_options, check_plot_and_out,
+                              enable_gradient_checkpointing, epoch_order, load_checkpoint, option_flag, plan_run,
+                              read_run_json, write_run_json)
 
 # The budget when --match-ssb does not set it: SSB's default run (256 pairs, batch 4, 3 epochs = 192 steps).
 DEFAULT_QUESTIONS_PER_STEP, DEFAULT_EPOCHS, DEFAULT_MAX_STEPS = 4, 1, 192
@@ -166,15 +165,10 @@ def check_config(cfg: GRPOConfig) -> GRPOConfig:
     """A one-line ValueError for a bad value, before anything loads; cfg with --dtype auto resolved."""
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype_name(cfg.dtype, torch_device(cfg.device)),
                               lora_targets=tuple(cfg.lora_targets))
-    if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
-        raise ValueError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
-    if cfg.loss_norm not in ("token", "sequence") or cfg.lr_schedule not in ("linear", "cosine"):
+    if cfg.loss_norm not in ("token", "sequence") or cfg.lr_schedule not in ("linear", "cosine"):  # grpo.py's choices
         raise ValueError(f"--loss-norm must be token or sequence and --lr-schedule linear or cosine, "
                          f"got {cfg.loss_norm!r} and {cfg.lr_schedule!r}")
-    for name, kind in OPTION_TYPES.items():
-        value = getattr(cfg, name)
-        if value is not None and kind.problem(value):
-            raise ValueError(f"{option_flag(name)} {kind.problem(value)}")
+    check_options(cfg, OPTION_TYPES)
     if cfg.batch_size is not None and cfg.batch_size < cfg.group_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than --group-size {cfg.group_size}: "
                          "a question's completions decode together, one engine slot each")
@@ -182,9 +176,7 @@ def check_config(cfg: GRPOConfig) -> GRPOConfig:
     if cfg.match_ssb is not None and given:
         raise ValueError(f"--match-ssb sets the problems, the questions per step, the epochs and the steps from "
                          f"the SSB run; drop {option_flag(given[0])}")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after training
-        raise ValueError(MATPLOTLIB_MISSING)
-    check_output_dir(cfg.out)
+    check_plot_and_out(cfg)
     return cfg
 
 
@@ -557,9 +549,7 @@ def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     cfg, problems, ssb, data_sha, system = training_problems(cfg)
-    fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in TRAJECTORY_FIELDS}
-    resume, note = resume_plan(out, cfg.resume, fingerprint, data_sha, data_name="training problems")
-    barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
+    fingerprint, resume, note = plan_run(cfg, TRAJECTORY_FIELDS, data_sha, world, data_name="training problems")
 
     model_dir = resolve_model_dir(cfg.model)
     tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
@@ -590,11 +580,7 @@ def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
             "match_ssb": None if ssb is None else {"dir": ssb["dir"], "pairs": ssb["pairs"], "n_pairs": len(ssb["questions"]),
                                                    "total_steps": ssb["total_steps"], "train_seconds": ssb["train_seconds"]}}
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for folder in (out, out / "checkpoints", out / "adapter"):
-            remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
-        truncate_metrics(out / "metrics.jsonl", start_step)
-        atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+        write_run_json(out, info, start_step)
 
     say(f"{len(problems)} problems, {cfg.questions_per_step} questions x {cfg.group_size} completions per step, "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs -> {total_steps} steps ({cfg.inner_steps} optimizer step(s) "

@@ -59,13 +59,12 @@ from minissb import dist, gates, grader, prompts
 from minissb.data import Problem
 from minissb.engine import Request
 from minissb.runs import append_jsonl, problem_seed, write_json_atomic
-from minissb.targets import CapturedTargets
+from minissb.targets import CapturedTargets, targets_dir_for
 
 
 # Skip reasons, in the order a problem can fail.
 ROLLOUT_SKIPS = ("all_correct", "all_wrong", "no_answer")
 TEACHER_SKIPS = ("teacher_wrong", *gates.GATES)
-
 
 
 @dataclass
@@ -135,16 +134,9 @@ class Selection:
         return len(self.answers) - self.n_correct - self.n_no_answer
 
     def to_dict(self) -> dict:
-        return {
-            "k": len(self.answers),
-            "n_correct": self.n_correct,
-            "n_wrong": self.n_wrong,
-            "n_no_answer": self.n_no_answer,
-            "answers": self.answers,
-            "correct_index": self.correct_index,
-            "wrong_index": self.wrong_index,
-            "wrong_answer": self.wrong_answer,
-        }
+        return {"k": len(self.answers), "n_correct": self.n_correct, "n_wrong": self.n_wrong, "n_no_answer": self.n_no_answer,
+                "answers": self.answers, "correct_index": self.correct_index, "wrong_index": self.wrong_index,
+                "wrong_answer": self.wrong_answer}
 
 
 def is_right(answer: str | None, gold: str, dataset: str, rule: str = "meaning") -> bool:
@@ -167,14 +159,8 @@ def grade_rollouts(texts: Sequence[str], gold: str, dataset: str, rule: str = "m
     return answers, correct
 
 
-def select_pair(
-    answers: Sequence[str | None],
-    correct: Sequence[bool],
-    dataset: str,
-    rng: random.Random,
-    finished: Sequence[bool] | None = None,
-    rule: str = "meaning",
-) -> Selection:
+def select_pair(answers: Sequence[str | None], correct: Sequence[bool], dataset: str, rng: random.Random,
+                finished: Sequence[bool] | None = None, rule: str = "meaning") -> Selection:
     """Pick one correct rollout and one carrying the most common wrong answer.
 
     Wrong answers are grouped by meaning (grader.group_answers: "1,000", "1000.0" and "$1000"
@@ -185,20 +171,14 @@ def select_pair(
     sel = Selection(reason=None, answers=answers, correct=correct)
     wrong = [i for i, (a, c) in enumerate(zip(answers, correct)) if a is not None and not c]
     right = [i for i, c in enumerate(correct) if c]
-    if right and not wrong:
-        sel.reason = "all_correct"
-    elif wrong and not right:
-        sel.reason = "all_wrong"
-    elif not right and not wrong:
-        sel.reason = "no_answer"
-    if sel.reason:
+    if not (right and wrong):
+        sel.reason = "all_correct" if right else "all_wrong" if wrong else "no_answer"
         return sel
 
-    wrong_answers = [a if i in wrong else None for i, a in enumerate(answers)]
     if rule == "exact":  # the original's rule: "18.00" is not "18"
         groups = [[i for i in wrong if answers[i] == a] for a in dict.fromkeys(answers[i] for i in wrong)]
     else:
-        groups = grader.group_answers(wrong_answers, dataset)
+        groups = grader.group_answers([a if i in wrong else None for i, a in enumerate(answers)], dataset)
     top = max(len(g) for g in groups)
     wrong_group = rng.choice([g for g in groups if len(g) == top])  # groups in first-index order: the draw depends on rng only
 
@@ -212,26 +192,14 @@ def select_pair(
     return sel
 
 
-def problem_rng(seed: int, problem_id: str) -> random.Random:
-    """A random stream per problem: picks do not depend on batching or on restarts."""
-    return random.Random(f"{seed}:{problem_id}")
-
-
 def build_teacher_chat(problem: Problem, correct_text: str, wrong_text: str, opts: Stage1Options) -> list[dict]:
-    return prompts.teacher_chat(
-        problem.question,
-        correct_text,
-        wrong_text,
-        wrong_first=opts.hint_order == "wrong-first",
-        gold=problem.gold if opts.hint_gold else None,
-        system=opts.system_prompt,
-        template=opts.teacher_template,
-    )
+    return prompts.teacher_chat(problem.question, correct_text, wrong_text, wrong_first=opts.hint_order == "wrong-first",
+                                gold=problem.gold if opts.hint_gold else None, system=opts.system_prompt,
+                                template=opts.teacher_template)
 
 
-def judge_teacher(
-    problem: Problem, solution: str, finish_reason: str, teacher_chat: list[dict], correct_text: str, wrong_text: str, opts: Stage1Options
-) -> tuple[str | None, str | None, gates.GateResult]:
+def judge_teacher(problem: Problem, solution: str, finish_reason: str, teacher_chat: list[dict], correct_text: str,
+                  wrong_text: str, opts: Stage1Options) -> tuple[str | None, str | None, gates.GateResult]:
     """(skip reason or None to keep, the teacher's extracted answer, gate results).
 
     The answer check comes first; the gates run on every solution (so their firing rates are
@@ -257,25 +225,14 @@ class RunFiles:
 
     pairs: Path
 
-    @property
-    def stem(self) -> Path:
-        return self.pairs.with_suffix("") if self.pairs.suffix == ".jsonl" else self.pairs
+    def _beside(self, suffix: str) -> Path:
+        stem = self.pairs.with_suffix("") if self.pairs.suffix == ".jsonl" else self.pairs
+        return stem.with_name(stem.name + suffix)
 
-    @property
-    def skipped(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".skipped.jsonl")
-
-    @property
-    def run_config(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".run.json")
-
-    @property
-    def summary(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".summary.json")
-
-    @property
-    def targets(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".targets")
+    skipped = property(lambda self: self._beside(".skipped.jsonl"))
+    run_config = property(lambda self: self._beside(".run.json"))
+    summary = property(lambda self: self._beside(".summary.json"))
+    targets = property(lambda self: targets_dir_for(self.pairs))  # where train.py looks for them
 
     def outputs(self) -> list[Path]:
         """The record files of the run: pairs, skipped and the part files of either."""
@@ -293,13 +250,11 @@ def read_done(files: RunFiles) -> tuple[list[dict], list[dict]]:
     """The records already written (pairs, skipped; the output and every rank's part), checked
     for the fields a resume needs."""
 
-    def check(skips: bool):
-        def one(path: Path, n: int, rec: dict) -> None:
-            if not isinstance(rec.get("id"), str) or (skips and "reason" not in rec):
-                raise ValueError(f"{path}: record {n} has no 'id'{' or reason' if skips else ''}: not written by sample.py?")
-        return one
+    def check(path: Path, n: int, rec: dict, skips: bool = False) -> None:
+        if not isinstance(rec.get("id"), str) or (skips and "reason" not in rec):
+            raise ValueError(f"{path}: record {n} has no 'id'{' or reason' if skips else ''}: not written by sample.py?")
 
-    return dist.read_all(files.pairs, check(False)), dist.read_all(files.skipped, check(True))
+    return dist.read_all(files.pairs, check), dist.read_all(files.skipped, lambda path, n, rec: check(path, n, rec, True))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -322,11 +277,8 @@ class RunStats:
                 self.gates_fired[g] += 1
         self.teacher_solutions = self.pairs + sum(self.skipped[r] for r in TEACHER_SKIPS)
         prev = previous or {}
-        self.rollout_tokens = int(prev.get("rollout_tokens", 0))
-        self.teacher_tokens = int(prev.get("teacher_tokens", 0))
-        self.generation_seconds = float(prev.get("generation_seconds", 0.0))
-        self.target_bytes = int(prev.get("target_bytes", 0))
-        self.target_rows = int(prev.get("target_rows", 0))
+        for k in TOTALS:  # rollout_tokens, teacher_tokens, generation_seconds (the one float), target_bytes, target_rows
+            setattr(self, k, (float if k == "generation_seconds" else int)(prev.get(k, 0)))
         self.sessions = int(prev.get("sessions", 0)) + 1
         self.part = part
         self._clock = time.perf_counter()  # save() adds the time since the last save
@@ -342,21 +294,13 @@ class RunStats:
 
     def to_dict(self) -> dict:
         tokens = self.rollout_tokens + self.teacher_tokens
-        return {
-            "problems_seen": self.pairs + sum(self.skipped.values()),
-            "pairs_kept": self.pairs,
-            "skipped": {r: self.skipped[r] for r in (*ROLLOUT_SKIPS, *TEACHER_SKIPS)},
-            "teacher_solutions": self.teacher_solutions,
-            "gates_fired": {g: self.gates_fired[g] for g in gates.GATES},
-            "rollout_tokens": self.rollout_tokens,
-            "teacher_tokens": self.teacher_tokens,
-            "tokens_generated": tokens,
-            "generation_seconds": round(self.generation_seconds, 2),
-            "tokens_per_s": round(tokens / self.generation_seconds, 1) if self.generation_seconds else 0.0,
-            "target_bytes": self.target_bytes,
-            "target_rows": self.target_rows,
-            "sessions": self.sessions,
-        }
+        return {"problems_seen": self.pairs + sum(self.skipped.values()), "pairs_kept": self.pairs,
+                "skipped": {r: self.skipped[r] for r in (*ROLLOUT_SKIPS, *TEACHER_SKIPS)},
+                "teacher_solutions": self.teacher_solutions, "gates_fired": {g: self.gates_fired[g] for g in gates.GATES},
+                "rollout_tokens": self.rollout_tokens, "teacher_tokens": self.teacher_tokens, "tokens_generated": tokens,
+                "generation_seconds": round(self.generation_seconds, 2),
+                "tokens_per_s": round(tokens / self.generation_seconds, 1) if self.generation_seconds else 0.0,
+                "target_bytes": self.target_bytes, "target_rows": self.target_rows, "sessions": self.sessions}
 
 
 def _read_part_summary(path: Path) -> dict | None:
@@ -457,29 +401,31 @@ class Stage1:
         # The files this process appends to: the outputs in one process, this rank's parts under torchrun.
         self.pairs_out, self.skipped_out = dist.write_path(files.pairs, world), dist.write_path(files.skipped, world)
 
-    def _request(self, prompt_ids, tag, *, samples, temperature, max_new_tokens, seed_tag, problem, capture=False):
-        o = self.opts
+    def _request(self, prompt_ids, tag: tuple, samples: int, temperature: float, max_new_tokens: int) -> Request:
+        o, (stage, problem), capture = self.opts, tag[:2], tag[0] == "teacher" and self.targets is not None
         return Request(prompt_ids, max_new_tokens, samples, temperature, o.top_k, o.top_p, o.repetition_penalty,
-                       seed=problem_seed(o.seed, seed_tag, problem.id), return_hidden=capture, tag=tag)
+                       seed=problem_seed(o.seed, stage, problem.id), return_hidden=capture, tag=tag)  # by stage and problem alone
 
     def rollout_request(self, problem: Problem) -> Request:
-        ids = self.tok.encode_chat(prompts.student_chat(problem.question, self.opts.system_prompt), add_generation_prompt=True)
-        return self._request(ids, ("rollouts", problem), samples=self.opts.num_rollouts, temperature=self.opts.rollout_temperature,
-                             max_new_tokens=self.opts.max_new_tokens, seed_tag="rollouts", problem=problem)
+        o = self.opts
+        ids = self.tok.encode_chat(prompts.student_chat(problem.question, o.system_prompt), add_generation_prompt=True)
+        return self._request(ids, ("rollouts", problem), o.num_rollouts, o.rollout_temperature, o.max_new_tokens)
 
     def on_rollouts(self, problem: Problem, rows: list) -> Request | None:
         """Grade a problem's K rollouts: record a skip, or return the teacher's request."""
         self.stats.rollout_tokens += sum(len(c.token_ids) for c in rows)
         texts = [self.tok.decode(c.token_ids) for c in rows]
         answers, correct = grade_rollouts(texts, problem.gold, problem.dataset, self.opts.answer_rule)
-        sel = select_pair(answers, correct, problem.dataset, problem_rng(self.opts.seed, problem.id),
-                          [c.finish_reason == "stop" for c in rows], self.opts.answer_rule)
+        rng = random.Random(f"{self.opts.seed}:{problem.id}")  # per problem: picks do not depend on batching or restarts
+        finished = [c.finish_reason == "stop" for c in rows]
+        sel = select_pair(answers, correct, problem.dataset, rng, finished, self.opts.answer_rule)
         info = sel.to_dict()
         info["finish_reasons"] = [c.finish_reason for c in rows]
         if self.opts.keep_rollouts:
             info["texts"] = texts
         if sel.reason:
-            record = {"id": problem.id, "dataset": problem.dataset, "reason": sel.reason, "question": problem.question, "gold": problem.gold, "rollouts": info}
+            record = {"id": problem.id, "dataset": problem.dataset, "reason": sel.reason, "question": problem.question,
+                      "gold": problem.gold, "rollouts": info}
             append_jsonl(self.skipped_out, [record])
             self.stats.skipped[sel.reason] += 1
             return None
@@ -487,8 +433,7 @@ class Stage1:
         chat = build_teacher_chat(problem, correct_text, wrong_text, self.opts)
         ids = self.tok.encode_chat(chat, add_generation_prompt=True)
         tag = ("teacher", problem, chat, correct_text, wrong_text, info)
-        return self._request(ids, tag, samples=1, temperature=self.opts.teacher_temperature, max_new_tokens=self.opts.teacher_max_new_tokens,
-                             seed_tag="teacher", problem=problem, capture=self.targets is not None)
+        return self._request(ids, tag, 1, self.opts.teacher_temperature, self.opts.teacher_max_new_tokens)
 
     def on_teacher(self, tag: tuple, comp) -> None:
         """Judge a teacher solution and record the pair (its targets first) or the skip."""
@@ -501,14 +446,15 @@ class Stage1:
             self.stats.gates_fired[g] += 1
         self.stats.teacher_solutions += 1
         record = {"id": problem.id, "dataset": problem.dataset}
-        if reason is not None:
-            record.update(reason=reason, question=problem.question, gold=problem.gold, teacher_answer=answer, finish_reason=comp.finish_reason,
-                          gates=result.to_dict(), solution=solution, solution_ids=solution_ids, teacher_chat=chat,
-                          student_chat=prompts.student_chat(problem.question, self.opts.system_prompt), rollouts=info)  # for inspection, or training on rejects
+        student_chat = prompts.student_chat(problem.question, self.opts.system_prompt)
+        if reason is not None:  # the whole pair all the same: for inspection, or training on rejects
+            record.update(reason=reason, question=problem.question, gold=problem.gold, teacher_answer=answer,
+                          finish_reason=comp.finish_reason, gates=result.to_dict(), solution=solution, solution_ids=solution_ids,
+                          teacher_chat=chat, student_chat=student_chat, rollouts=info)
             append_jsonl(self.skipped_out, [record])
             self.stats.skipped[reason] += 1
             return
-        record.update(question=problem.question, gold=problem.gold, student_chat=prompts.student_chat(problem.question, self.opts.system_prompt), teacher_chat=chat,
+        record.update(question=problem.question, gold=problem.gold, student_chat=student_chat, teacher_chat=chat,
                       solution=solution, solution_ids=solution_ids, finish_reason=comp.finish_reason, rollouts=info,
                       model=self.model_name, teacher_answer=answer, gates=result.to_dict())
         if self.targets is not None:  # written before the pair line: a recorded pair always has its targets
@@ -542,22 +488,6 @@ def stage1_max_len(tokenizer, problems: Sequence[Problem], opts: Stage1Options) 
     return max(student + opts.max_new_tokens, teacher + 2 * (opts.max_new_tokens + 64) + opts.teacher_max_new_tokens)
 
 
-__all__ = [
-    "Stage1Options",
-    "Selection",
-    "RunFiles",
-    "grade_rollouts",
-    "select_pair",
-    "judge_teacher",
-    "build_teacher_chat",
-    "run_config",
-    "format_summary",
-    "Stage1",
-    "RunStats",
-    "read_done",
-    "start_run",
-    "finish_run",
-    "merge_records",
-    "merge_summaries",
-    "stage1_max_len",
-]
+__all__ = ["Stage1Options", "Selection", "RunFiles", "grade_rollouts", "select_pair", "judge_teacher", "build_teacher_chat",
+           "run_config", "format_summary", "Stage1", "RunStats", "read_done", "start_run", "finish_run", "merge_records",
+           "merge_summaries", "stage1_max_len"]

@@ -2,13 +2,15 @@
 (grpo.py) both use it.
 
 Read top to bottom:
+  checks       what train.py's and grpo.py's check_config share
   schedule     lr_at: linear warmup, then a linear or cosine decay; a pure function of the
                step, so a resumed run needs no scheduler state
   memory       gradient checkpointing of the decoder layers; bf16 autocast on CUDA
   checkpoints  <out>/checkpoints/step-N/{adapter/, state.pt}, written under a temporary name
                and renamed into place (a directory called step-N is always complete); the
                resume plan that decides, before the model loads, whether a rerun continues,
-               starts over or is refused (other settings or data while something would be lost)
+               starts over or is refused (other settings or data while something would be lost);
+               run.json, written once the plan is made
   metrics      metrics.jsonl cut back to a checkpoint's step on resume, and drawn as a PNG
 
 A checkpoint holds the step, the adapter, the AdamW state, the RNG states and the settings
@@ -19,7 +21,9 @@ refuse to continue a different run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -29,9 +33,10 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
+from minissb.dist import World, barrier
 from minissb.lora import WEIGHTS_FILE, load_adapter, save_adapter
 from minissb.model import Qwen2ForCausalLM
-from minissb.runs import atomic_write, config_differences, names_file
+from minissb.runs import atomic_write, check_output_dir, config_differences, names_file, remove_temp_files
 
 STATE_FILE = "state.pt"
 # Timing fields of a metrics line: the only ones that differ between a run and its resumed twin.
@@ -45,6 +50,23 @@ class NonFiniteLossError(ValueError):
 def option_flag(name: str) -> str:
     """The command-line flag of a config field: lora_r -> --lora-r."""
     return "--" + name.replace("_", "-")
+
+
+def check_options(cfg, option_types: dict) -> None:
+    """A one-line ValueError for a bad --dtype (resolved already) or a numeric option out of its range (None: unset)."""
+    if cfg.dtype not in ("bf16", "fp32"):  # fp16 would need loss scaling
+        raise ValueError(f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    for name, kind in option_types.items():
+        value = getattr(cfg, name)
+        if value is not None and kind.problem(value):
+            raise ValueError(f"{option_flag(name)} {kind.problem(value)}")
+
+
+def check_plot_and_out(cfg) -> None:
+    """Fail now, not after training: --plot without matplotlib, or an --out that cannot be written."""
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(MATPLOTLIB_MISSING)
+    check_output_dir(cfg.out)
 
 
 # ----------------------------------------------------------------------------- order, schedule and memory
@@ -143,13 +165,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: i
     tmp = root / f".step-{step:06d}.tmp"  # a leftover one (killed, disk full) is removed at the next start
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp / "adapter", base_model=base_model)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        **extra,
-    }
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra}
     _torch_save(state, tmp / STATE_FILE)
     if final.exists():  # left by a run that went past this step before it was resumed from an earlier one
         shutil.rmtree(final)
@@ -172,18 +189,20 @@ def read_run_json(out: Path) -> dict | None:
     return info
 
 
-def resume_plan(out: Path, resume: bool, fingerprint: dict, data_sha256: str, data_name: str = "pairs file") -> tuple[bool, str | None]:
-    """(continue from the newest checkpoint?, a note to print) for a run into `out`.
+def plan_run(cfg, fields: tuple[str, ...], data_sha256: str, world: World,
+             data_name: str = "pairs file") -> tuple[dict, bool, str | None]:
+    """(fingerprint, resume, note) for the run into cfg.out: cfg's `fields` as run.json stores them
+    (tuples as lists), which a checkpoint must match; whether to continue from the newest checkpoint; a note to print.
 
     Rerunning the same command continues from the newest checkpoint, or starts over when there
-    is none (killed before the first, stopped on a non-finite loss). Other settings or pairs
-    are refused while `out` holds something to lose (a checkpoint or a finished adapter), and
+    is none (killed before the first, stopped on a non-finite loss). Other settings or data
+    are refused while out holds something to lose (a checkpoint or a finished adapter), and
     start over otherwise.
     """
-    checkpoints = checkpoint_dirs(out)
-    stored = read_run_json(out)
-    finished = (out / "adapter" / WEIGHTS_FILE).is_file()
-    if resume and stored is None and not checkpoints:
+    out = Path(cfg.out)
+    fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in fields}
+    checkpoints, stored, finished = checkpoint_dirs(out), read_run_json(out), (out / "adapter" / WEIGHTS_FILE).is_file()
+    if cfg.resume and stored is None and not checkpoints:
         raise ValueError(f"--resume: {out} holds no training run to continue; drop --resume to start one")
     if stored is None and finished and not checkpoints:
         raise ValueError(f"{out} holds adapter/ but no run.json, so its settings are unknown: move adapter/ away, "
@@ -195,11 +214,21 @@ def resume_plan(out: Path, resume: bool, fingerprint: dict, data_sha256: str, da
         if any(changes):
             raise ValueError(f"{out} holds a training run with other settings ({'; '.join(filter(None, changes))}): "
                              "rerun with those to continue it, or choose another --out")
-    if checkpoints:
-        return True, None
-    if stored is not None:
-        return False, f"{out} holds no checkpoint of the earlier run (it stopped before writing one): starting over"
-    return False, None
+    note = None
+    if stored is not None and not checkpoints:
+        note = f"{out} holds no checkpoint of the earlier run (it stopped before writing one): starting over"
+    barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
+    return fingerprint, bool(checkpoints), note
+
+
+def write_run_json(out: Path, info: dict, start_step: int) -> None:
+    """Rank 0, once the run is planned: remove the temporaries a killed run left, cut metrics.jsonl
+    back to start_step (starting over, 0, keeps no line of the earlier attempt), write run.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "checkpoints", out / "adapter"):
+        remove_temp_files(folder)  # left by a run killed mid-write or stopped by a full disk
+    truncate_metrics(out / "metrics.jsonl", start_step)
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
 
 
 def load_checkpoint(out: Path, model, optimizer, device, config: dict, data_sha256: str, data_name: str = "pairs file") -> dict:
@@ -311,9 +340,8 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, p
     if not records:
         raise ValueError(f"{metrics_path} has no metrics lines to plot")
     panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in records)]
-    cols = 2
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.6 * rows), squeeze=False)
+    rows = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 2.6 * rows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
