@@ -112,7 +112,9 @@ def test_hidden_states_equal_a_full_forward(model):
         # Rows are positions P-1 .. P-1+rows-1 of [prompt, tokens]: the stop token's own
         # position is never fed, so the full forward runs over prompt + token_ids only.
         _, ref = full_forward(model, PROMPTS[c.prompt_index] + c.token_ids)
-        torch.testing.assert_close(c.hidden, ref[P - 1 : P - 1 + c.hidden.shape[0]], atol=1e-5, rtol=0)
+        # rtol too: on an AMD EPYC (Zen 4) one of 1,280 entries differed by 1.06e-5 at a value of 0.85
+        # (the cached and the full forward multiply different shapes); an Intel Xeon stayed under 1e-5.
+        torch.testing.assert_close(c.hidden, ref[P - 1 : P - 1 + c.hidden.shape[0]], atol=1e-5, rtol=1e-5)
     # A one-row shift is caught by the same comparison.
     c = max(outs, key=lambda c: len(c.token_ids))
     P = len(PROMPTS[c.prompt_index])
