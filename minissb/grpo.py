@@ -66,7 +66,8 @@ from minissb import distill, dist, grader, prompts
 from minissb.data import Problem, data_file, load_problems
 from minissb.dist import World
 from minissb.engine import Engine, Request
-from minissb.lora import DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_modules, lora_parameters, merge_lora
+from minissb.lora import (DEFAULT_TARGETS, adapters_disabled, apply_lora, lora_modules, lora_parameters, merge_lora,
+                          same_model_name)
 from minissb.model import Qwen2ForCausalLM, from_pretrained, resolve_model_dir
 from minissb.runs import (file_sha256, float_range, int_range, problem_seed, read_json, read_jsonl, resolve_dtype_name,
                           torch_device, torch_dtype)
@@ -259,7 +260,7 @@ def ssb_mismatches(ssb: dict, cfg: GRPOConfig, system: str | None = None) -> lis
             "dtype": cfg.dtype}
     theirs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ssb["config"].items() if k in ours}
     if "model" in theirs:  # a hub id and a local copy of it are the same model: compare the last path part
-        theirs["model"], ours["model"] = (str(m).rstrip("/").rsplit("/", 1)[-1].lower() for m in (theirs["model"], ours["model"]))
+        theirs["model"], ours["model"] = same_model_name(theirs["model"]), same_model_name(ours["model"])
     out = [f"{option_flag(k)} is {ours[k]!r} here but {theirs[k]!r} in the SSB run" for k in theirs if theirs[k] != ours[k]]
     if ssb["system_prompt"] not in (None, prompts.SYSTEM_PROMPT if system is None else system):
         out.append("the system prompt differs from the one in the SSB run's pairs (pass the --system-prompt-file sample.py read)")

@@ -305,7 +305,7 @@ def _read_config(adapter_dir: Path) -> dict:
     return config
 
 
-def _model_name(name_or_path: str) -> str:
+def same_model_name(name_or_path: str) -> str:
     """What two spellings of one model share: the last path part (Qwen/Qwen2.5-3B-Instruct and
     /models/Qwen2.5-3B-Instruct are the same model), lower-cased."""
     return str(name_or_path).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -315,7 +315,7 @@ def _check_base_model(adapter_dir: Path, config: dict, base_model: str | os.Path
     """Warn (BaseModelMismatchWarning) when the adapter's config names another base model than
     `base_model`; the shapes may still fit, e.g. another fine-tune of the same architecture."""
     named = config.get("base_model_name_or_path")
-    if named and _model_name(named) != _model_name(base_model):
+    if named and same_model_name(named) != same_model_name(base_model):
         warnings.warn(f"{adapter_dir} was trained on base model {named}, but is loaded into {base_model}: "
                       "the shapes fit, so it loads; check that this is the model you meant",
                       BaseModelMismatchWarning, stacklevel=3)

@@ -277,8 +277,11 @@ class RunStats:
                 self.gates_fired[g] += 1
         self.teacher_solutions = self.pairs + sum(self.skipped[r] for r in TEACHER_SKIPS)
         prev = previous or {}
-        for k in TOTALS:  # rollout_tokens, teacher_tokens, generation_seconds (the one float), target_bytes, target_rows
-            setattr(self, k, (float if k == "generation_seconds" else int)(prev.get(k, 0)))
+        self.rollout_tokens = int(prev.get("rollout_tokens", 0))
+        self.teacher_tokens = int(prev.get("teacher_tokens", 0))
+        self.generation_seconds = float(prev.get("generation_seconds", 0.0))
+        self.target_bytes = int(prev.get("target_bytes", 0))
+        self.target_rows = int(prev.get("target_rows", 0))
         self.sessions = int(prev.get("sessions", 0)) + 1
         self.part = part
         self._clock = time.perf_counter()  # save() adds the time since the last save
@@ -401,10 +404,12 @@ class Stage1:
         # The files this process appends to: the outputs in one process, this rank's parts under torchrun.
         self.pairs_out, self.skipped_out = dist.write_path(files.pairs, world), dist.write_path(files.skipped, world)
 
-    def _request(self, prompt_ids, tag: tuple, samples: int, temperature: float, max_new_tokens: int) -> Request:
-        o, (stage, problem), capture = self.opts, tag[:2], tag[0] == "teacher" and self.targets is not None
+    def _request(self, prompt_ids, tag: tuple, samples: int, temperature: float, max_new_tokens: int,
+                 capture: bool = False) -> Request:
+        """tag = (stage, problem, ...): the seed comes from the stage and the problem alone."""
+        o, (stage, problem) = self.opts, tag[:2]
         return Request(prompt_ids, max_new_tokens, samples, temperature, o.top_k, o.top_p, o.repetition_penalty,
-                       seed=problem_seed(o.seed, stage, problem.id), return_hidden=capture, tag=tag)  # by stage and problem alone
+                       seed=problem_seed(o.seed, stage, problem.id), return_hidden=capture, tag=tag)
 
     def rollout_request(self, problem: Problem) -> Request:
         o = self.opts
@@ -433,7 +438,8 @@ class Stage1:
         chat = build_teacher_chat(problem, correct_text, wrong_text, self.opts)
         ids = self.tok.encode_chat(chat, add_generation_prompt=True)
         tag = ("teacher", problem, chat, correct_text, wrong_text, info)
-        return self._request(ids, tag, 1, self.opts.teacher_temperature, self.opts.teacher_max_new_tokens)
+        return self._request(ids, tag, 1, self.opts.teacher_temperature, self.opts.teacher_max_new_tokens,
+                             capture=self.targets is not None)
 
     def on_teacher(self, tag: tuple, comp) -> None:
         """Judge a teacher solution and record the pair (its targets first) or the skip."""
