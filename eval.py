@@ -88,9 +88,9 @@ def evaluate(args) -> list[dict]:
 
     from minissb import dist, prompts
     from minissb.engine import Engine
-    from minissb.evaluate import (add_deltas, check_adapters_fit, check_options, eval_max_len, evaluate_dataset, finish_plan,
-                                  format_table, load_eval_problems, make_targets, plan_runs, result_row, table_legend,
-                                  tidy_outputs)
+    from minissb.evaluate import (add_deltas, check_adapters_fit, check_options, earlier_rows, eval_max_len, evaluate_dataset,
+                                  finish_plan, format_table, load_eval_problems, make_targets, plan_runs, result_row,
+                                  table_legend, tidy_outputs)
     from minissb.lora import load_adapter, merge_lora
     from minissb.model import from_pretrained, resolve_model_dir
     from minissb.runs import resolve_dtype_name, torch_device, torch_dtype, write_json_atomic
@@ -113,6 +113,7 @@ def evaluate(args) -> list[dict]:
     share = {id(p): dist.mine([q for q in problems[p.dataset] if q.id not in p.done], world) for p in plans}
 
     results, model, pristine = [], None, False
+    earlier = earlier_rows(out_dir / "results.json")  # the generation numbers of earlier sessions carry over
     for t in targets:
         if any(share[id(p)] for p in plans if p.target is t):
             # Each adapter goes onto freshly loaded base weights: unmerging a bf16 merge does not give the base
@@ -141,7 +142,7 @@ def evaluate(args) -> list[dict]:
             if plan.todo:
                 print(f"{t.label} {plan.dataset}: {session['new_problems']} problems, {session['new_tokens']} tokens "
                       f"in {session['seconds']:.1f} s ({session['new_tokens'] / max(session['seconds'], 1e-9):.1f} tokens/s)")
-            results.append(result_row(plan, problems[plan.dataset], session))
+            results.append(result_row(plan, problems[plan.dataset], session, earlier.get(plan.responses.name)))
     if not world.is_main:
         return []
 

@@ -9,7 +9,8 @@ tokens), reward 1 for a right final answer (minissb.grader) else 0, group-normal
 the token-level clipped policy-gradient loss (DAPO normalisation, eps 0.2, no KL by default),
 one AdamW step on the LoRA (r 32, alpha 32, lr 1e-5, linear decay); 192 steps, SSB's budget.
 Writes into --out: adapter/ (PEFT, for eval.py), metrics.jsonl (one line per step), run.json,
-checkpoints/step-N/. Rerunning the same command continues from the newest checkpoint.
+checkpoints/step-N/. Rerunning the same command continues from the newest checkpoint; a finished run
+rerun does nothing.
 
     torchrun --nproc_per_node 8 grpo.py --data ../shared/data --out runs/grpo
 
@@ -33,7 +34,7 @@ from minissb import dist
 from minissb.grpo import DEFAULT_EPOCHS, DEFAULT_MAX_STEPS, DEFAULT_QUESTIONS_PER_STEP, OPTION_TYPES as T, GRPOConfig
 from minissb.lora import DEFAULT_TARGETS
 from minissb.runs import DTYPE_HELP, ArgumentParser, HelpFormatter, run_main
-from minissb.training import MetricsLog, finish, interrupted, lr_at, plot_metrics, save_checkpoint
+from minissb.training import MetricsLog, finish, finished_summary, interrupted, lr_at, plot_metrics, save_checkpoint
 
 D = GRPOConfig  # the defaults live on the dataclass, in one place; the allowed ranges in T, checked while parsing
 PLOTTED = (("reward_mean", "reward (mean)"), ("accuracy", "accuracy of the samples"), ("frac_all_equal", "groups with equal rewards"),
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=T["save_every"], default=D.save_every, help="checkpoint every N steps (0: never)")
     g.add_argument("--keep-checkpoints", type=T["keep_checkpoints"], default=D.keep_checkpoints, help="recent checkpoints kept (0: all)")
     g.add_argument("--resume", action="store_true", help="insist on continuing the run in --out (rerunning the same command "
-                                                         "also continues from its newest checkpoint)")
+                                                         "also continues from its newest checkpoint; a finished run rerun does nothing)")
     g.add_argument("--stop-after-steps", type=T["stop_after_steps"], default=None,
                    help="stop after this many steps with a checkpoint, as if interrupted (the schedule is unchanged)")
     g.add_argument("--plot", action="store_true", help="draw metrics.jsonl into <out>/metrics.png at the end (needs matplotlib)")
@@ -133,6 +134,8 @@ def train(cfg: GRPOConfig) -> dict:
     talk = cfg.progress and world.is_main  # rank 0 alone logs and writes
     out, say = Path(cfg.out), (tqdm.write if talk else (lambda s: None))
     run = G.start_run(cfg, say, world)
+    if run is None:  # finished earlier with these settings: its adapter stays as it is
+        return finished_summary(out)
     cfg, K = run.cfg, run.cfg.inner_steps  # the budget resolved (defaults or --match-ssb); optimizer steps per step
     stop_at = min(run.total_steps, cfg.stop_after_steps or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="grpo", unit="step", disable=not talk, dynamic_ncols=True)

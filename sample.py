@@ -37,8 +37,8 @@ from minissb.recipes import add_recipe_argument, parse_with_recipe
 from minissb.runs import (DTYPE_HELP, DTYPE_NAMES, ArgumentParser, HelpFormatter, check_output_dir, check_run_config,
                           file_sha256, float_range, int_range, model_identity, resolve_dtype_name, run_main, torch_device,
                           torch_dtype, write_json_atomic)
-from minissb.ssb import (RunFiles, Stage1, Stage1Options, finish_run, format_summary, merge_records, read_done, run_config,
-                         stage1_max_len, start_run)
+from minissb.ssb import (RunFiles, Stage1, Stage1Options, finish_run, finished_summary, format_summary, merge_records,
+                         read_done, run_config, stage1_max_len, start_run)
 from minissb.targets import CapturedTargets
 from minissb.tokenizer import Tokenizer
 
@@ -127,7 +127,14 @@ def sample(args) -> dict:
     digest = file_sha256(data_file(args.dataset, args.split, args.data))
     config = run_config(opts, model_name, dtype_name, args.dataset, args.split, model_identity(args.data), digest)
     new_run = check_run_config(files.run_config, config, files.outputs())
-    pairs, _ = read_done(files)  # a damaged output file fails now, not after the model is loaded
+    pairs, skipped = read_done(files)  # a damaged output file fails now, not after the model is loaded
+    finished = finished_summary(files, problems, pairs, skipped, opts.num_pairs)
+    if finished is not None:  # a rerun of a finished run: nothing to load, nothing to write
+        if world.is_main:
+            merge_records(files, problems)  # in problem order, if a killed session left them out of it
+            print(f"{files.pairs}: finished earlier (same settings and data), nothing to do", file=sys.stderr)
+            print(format_summary(finished))
+        return finished
 
     tokenizer = Tokenizer.from_dir(args.tokenizer or model_dir)
     model = from_pretrained(model_dir, dtype=torch_dtype(dtype_name), device=device)

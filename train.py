@@ -31,7 +31,7 @@ from minissb.distill import OPTION_TYPES as T, TrainConfig, batch_at, check_conf
 from minissb.lora import DEFAULT_TARGETS
 from minissb.recipes import add_recipe_argument, parse_with_recipe
 from minissb.runs import ArgumentParser, HelpFormatter, run_main
-from minissb.training import MetricsLog, finish, interrupted, lr_at, plot_metrics, save_checkpoint
+from minissb.training import MetricsLog, finish, finished_summary, interrupted, lr_at, plot_metrics, save_checkpoint
 
 D = TrainConfig  # the defaults live on the dataclass, in one place; the allowed ranges in T, checked while parsing
 
@@ -97,11 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = p.add_argument_group("checkpoints and logging")
     c.add_argument("--save-every", type=T["save_every"], default=D.save_every,
-                   help="checkpoint every N steps (0: never; a rerun then starts over)")
+                   help="checkpoint every N steps (0: never; a rerun after a stop then starts over)")
     c.add_argument("--keep-checkpoints", type=T["keep_checkpoints"], default=D.keep_checkpoints, help="how many recent checkpoints to keep (0: all)")
     c.add_argument("--resume", action="store_true",
                    help="insist on continuing the run in --out (an error when it holds none); without it, rerunning "
-                        "the same command also continues from the newest checkpoint, or starts over when there is none")
+                        "the same command also continues from the newest checkpoint, or starts over when there is none; "
+                        "a finished run rerun does nothing")
     c.add_argument("--stop-after-steps", type=T["stop_after_steps"], default=None,
                    help="stop after this many steps with a checkpoint, as if interrupted (the schedule is unchanged)")
     c.add_argument("--plot", action="store_true", help="draw metrics.jsonl into <out>/metrics.png at the end (needs matplotlib)")
@@ -127,6 +128,8 @@ def train(cfg: TrainConfig) -> dict:
     talk = cfg.progress and world.is_main  # rank 0 alone logs and writes
     say = tqdm.write if talk else (lambda s: None)
     run = start_run(cfg, say, world)
+    if run is None:  # finished earlier with these settings: its adapter stays as it is
+        return finished_summary(out)
     stop_at = min(run.total_steps, cfg.stop_after_steps or run.total_steps)
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", disable=not talk, dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"

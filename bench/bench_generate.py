@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from minissb.engine import Engine, Request  # noqa: E402
 from minissb.generate import generate, prompt_seed  # noqa: E402
-from minissb.model import from_pretrained  # noqa: E402
+from minissb.model import KVCache, from_pretrained  # noqa: E402
 
 STATIC_COMMIT = "aecf6fc"  # main just before the engine: the static-batch sampler
 
@@ -89,8 +89,24 @@ def run_engine(model, prompts, *, greedy, k, max_new, stop_ids, seed, width=None
     return dt, [c.token_ids + ([c.stop_id] if c.finish_reason == "stop" else []) for c in outs]
 
 
+class StaticKVCache(KVCache):
+    """Today's KVCache plus the two row operations the static sampler needed (the engine does
+    not, so the library no longer has them): drop finished rows, and copy a prompt's row K times."""
+
+    def select_rows(self, rows: torch.Tensor, upto: int) -> None:
+        for name in ("k", "v"):  # (layers, B, Hkv, max_len, D): only slots below `upto` hold anything yet
+            buf = getattr(self, name)
+            kept = buf.new_empty(buf.shape[0], len(rows), *buf.shape[2:])
+            kept[:, :, :, :upto] = buf[:, rows, :, :upto]
+            setattr(self, name, kept)
+
+    def repeat_rows(self, repeats: int, upto: int) -> None:
+        self.select_rows(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(repeats), upto)
+
+
 def load_static_sampler():
-    """generate() as it was at STATIC_COMMIT, run on today's model code (its API is unchanged)."""
+    """generate() as it was at STATIC_COMMIT, run on today's model code (its API is unchanged;
+    its cache gets back the row operations only it used)."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{STATIC_COMMIT}:minissb/generate.py"],
                             capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.mkdtemp()) / "static_generate.py"
@@ -99,6 +115,7 @@ def load_static_sampler():
     module = importlib.util.module_from_spec(spec)
     sys.modules["static_generate"] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
+    module.KVCache = StaticKVCache
     return module.generate
 
 

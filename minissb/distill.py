@@ -385,9 +385,9 @@ class TrainRun:
     world: World = World()  # torchrun's ranks (minissb.dist); a world of one without it
 
 
-def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun:
+def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun | None:
     """Load the pairs, the model and its adapter, and continue from the newest checkpoint when
-    rerun; writes run.json. Refusals (other settings over a run with something to lose) come
+    rerun; writes run.json. None when cfg.out holds this run finished (nothing to do). Refusals (other settings over a run with something to lose) come
     before the model loads. Under torchrun every rank loads the same and rank 0 alone writes."""
     out = Path(cfg.out)
     device, dtype = torch_device(cfg.device), torch_dtype(cfg.dtype)
@@ -395,7 +395,10 @@ def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun:
     online = cfg.teacher == "online"
     pairs = load_pairs(cfg.pairs, need_teacher_chat=online)
     data_sha = file_sha256(cfg.pairs)
-    fingerprint, resume, note = plan_run(cfg, TRAJECTORY_FIELDS, data_sha, world)
+    fingerprint, start, note = plan_run(cfg, TRAJECTORY_FIELDS, data_sha, world)
+    if start == "done":
+        say(note)
+        return None
 
     model_dir = resolve_model_dir(cfg.model)
     tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
@@ -423,7 +426,7 @@ def start_run(cfg: TrainConfig, say=print, world: World = World()) -> TrainRun:
 
     # The checkpoint holds nothing per rank (the LoRA weights and AdamW state are the same on every
     # rank), so a run continues at any world size.
-    start_step = load_checkpoint(out, model, optimizer, device, fingerprint, data_sha)["step"] if resume else 0
+    start_step = load_checkpoint(out, model, optimizer, device, fingerprint, data_sha)["step"] if start == "resume" else 0
     n_truncated = sum(ex.truncated for ex in examples)
     info = {"config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_pairs": len(examples), "n_truncated": n_truncated,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": round(cfg.warmup_ratio * total_steps),

@@ -35,6 +35,7 @@ ranks: generation_seconds are then rank-seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -477,10 +478,27 @@ def finish_plan(world: dist.World, plan: Plan, problems: Sequence[Problem], sess
     return session
 
 
-def result_row(plan: Plan, problems: Sequence[Problem], session: dict) -> dict:
-    """The table row of one plan: the metrics over its problems' records and this session's speed."""
+def earlier_rows(results_path: Path) -> dict[str, dict]:
+    """The rows of the results.json an earlier session of this --out wrote, by responses file
+    (none if there is no such file or it cannot be read: only earlier speed numbers are lost)."""
+    try:
+        rows = json.loads(results_path.read_text())["results"]
+        return {r["responses_file"]: r for r in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def result_row(plan: Plan, problems: Sequence[Problem], session: dict, earlier: dict | None = None) -> dict:
+    """The table row of one plan: the metrics over its problems' records, and the generation
+    numbers of this session added to those of the earlier sessions that wrote results.json
+    (`earlier`, their row), so a resumed or repeated run keeps what was measured before."""
     records = read_records(plan.responses)
-    tps = session["new_tokens"] / session["seconds"] if session["seconds"] else None
+    if earlier and plan.done:  # records written before this session: the earlier row measured them
+        session = {"new_problems": session["new_problems"] + earlier.get("generated_problems", 0),
+                   "new_tokens": session["new_tokens"] + earlier.get("generated_tokens", 0),
+                   "seconds": session["seconds"] + earlier.get("generation_seconds", 0.0)}
+    seconds = round(session["seconds"], 2)  # the speed from the stored seconds: a rerun computes the same
+    tps = session["new_tokens"] / seconds if seconds else None
     return {
         "dataset": plan.dataset,
         "model": plan.target.label,
@@ -490,7 +508,7 @@ def result_row(plan: Plan, problems: Sequence[Problem], session: dict) -> dict:
         "responses_file": plan.responses.name,
         "generated_problems": session["new_problems"],
         "generated_tokens": session["new_tokens"],
-        "generation_seconds": round(session["seconds"], 2),
+        "generation_seconds": seconds,
         "tokens_per_s": round(tps, 1) if tps else None,
     }
 
@@ -510,6 +528,7 @@ __all__ = [
     "add_deltas",
     "Plan",
     "plan_runs",
+    "earlier_rows",
     "result_row",
     "finish_plan",
     "tidy_outputs",

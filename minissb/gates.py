@@ -117,15 +117,6 @@ def copied_fraction(solution: str, reference: str, exclude: str = "", n: int = C
     return len(own & ngrams(words(reference), n)) / len(own)
 
 
-def longest_common_span(a: str, b: str) -> int:
-    """Length in words of the longest run of consecutive words that `a` and `b` share."""
-    from difflib import SequenceMatcher
-
-    wa, wb = words(a), words(b)
-    m = SequenceMatcher(None, wa, wb, autojunk=False).find_longest_match(0, len(wa), 0, len(wb))
-    return m.size
-
-
 # ----------------------------------------------------------------------------- all gates
 
 
@@ -176,6 +167,5 @@ __all__ = [
     "check_solution",
     "find_leaks",
     "copied_fraction",
-    "longest_common_span",
     "words",
 ]

@@ -543,14 +543,17 @@ class GRPORun:
     ssb: dict | None  # read_ssb_run's, with --match-ssb
 
 
-def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
+def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun | None:
     """Load the problems, the model and its adapter, and continue from the newest checkpoint when
-    rerun; writes run.json. Refusals (other settings over a run with something to lose) come
+    rerun; writes run.json. None when cfg.out holds this run finished (nothing to do). Refusals (other settings over a run with something to lose) come
     before the model loads. Under torchrun every rank loads the same and rank 0 alone writes."""
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     cfg, problems, ssb, data_sha, system = training_problems(cfg)
-    fingerprint, resume, note = plan_run(cfg, TRAJECTORY_FIELDS, data_sha, world, data_name="training problems")
+    fingerprint, start, note = plan_run(cfg, TRAJECTORY_FIELDS, data_sha, world, data_name="training problems")
+    if start == "done":
+        say(note)
+        return None
 
     model_dir = resolve_model_dir(cfg.model)
     tok = Tokenizer.from_dir(cfg.tokenizer or model_dir)
@@ -571,7 +574,7 @@ def start_run(cfg: GRPOConfig, say=print, world: World = World()) -> GRPORun:
     steps_per_epoch = math.ceil(len(problems) / cfg.questions_per_step)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     warmup_steps = round(cfg.warmup_ratio * total_steps * cfg.inner_steps)
-    start_step = load_checkpoint(out, model, optimizer, model.device, fingerprint, data_sha, "training problems")["step"] if resume else 0
+    start_step = load_checkpoint(out, model, optimizer, model.device, fingerprint, data_sha, "training problems")["step"] if start == "resume" else 0
     base_copy = None if cfg.sample_unmerged else base_weight_copy(model)  # after loading: the base weights only
     info = {"world_size": world.size, "config": dataclasses.asdict(cfg), "data_sha256": data_sha, "n_problems": len(problems),
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "optimizer_steps": total_steps * cfg.inner_steps,

@@ -56,15 +56,6 @@ class Qwen2Config:
             raise ValueError(f"rope_scaling={d['rope_scaling']} is not supported by minissb")
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "Qwen2Config":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
-
 
 # ----------------------------------------------------------------------------- layers
 
@@ -257,18 +248,14 @@ class Qwen2ForCausalLM(nn.Module):
 class KVCache:
     """Static key/value cache: one preallocated (B, Hkv, max_len, D) buffer per layer.
 
-    Slots are absolute: slot t holds the t-th token of the (padded) row, so a batch shares
-    one write position per step and nothing is ever concatenated.
+    Slots are absolute: slot t holds the t-th token of the (padded) row, so nothing is ever
+    concatenated; a batch shares one write position per step, a rows() view has one per row.
     """
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype: torch.dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
 
     @property
     def max_len(self) -> int:
@@ -301,22 +288,6 @@ class KVCache:
         view.k, view.v, view.write_positions = self.k[:, :n], self.v[:, :n], write_positions
         return view
 
-    def select_rows(self, rows: torch.Tensor, upto: int) -> None:
-        """Keep only `rows` (batch compaction); slots past `upto` are not copied."""
-        self.k = self.k[:, rows].contiguous() if upto == self.max_len else _copy_prefix(self.k, rows, upto)
-        self.v = self.v[:, rows].contiguous() if upto == self.max_len else _copy_prefix(self.v, rows, upto)
-
-    def repeat_rows(self, repeats: int, upto: int) -> None:
-        """Row b becomes rows b*repeats .. b*repeats+repeats-1 (K samples sharing one prefill)."""
-        rows = torch.arange(self.batch, device=self.k.device).repeat_interleave(repeats)
-        self.select_rows(rows, upto)
-
-
-def _copy_prefix(buf: torch.Tensor, rows: torch.Tensor, upto: int) -> torch.Tensor:
-    # Uninitialised is fine: a slot past `upto` is always written before it is read.
-    out = buf.new_empty(buf.shape[0], len(rows), *buf.shape[2:])
-    out[:, :, :, :upto] = buf[:, rows, :, :upto]
-    return out
 
 
 # ----------------------------------------------------------------------------- loading

@@ -358,6 +358,18 @@ def start_run(files: RunFiles, world: dist.World) -> tuple[RunStats, set[str], d
     return stats, {r["id"] for r in (*pairs, *skipped)}, others
 
 
+def finished_summary(files: RunFiles, problems: Sequence[Problem], pairs: list[dict], skipped: list[dict],
+                     num_pairs: int) -> dict | None:
+    """The summary of a run with nothing left to do (enough pairs, or a record for every problem,
+    no part files of a killed torchrun session to merge), else None: a rerun of a finished
+    sample.py reports it and writes nothing, not even a session count."""
+    done = {r["id"] for r in (*pairs, *skipped)}
+    finished = len(pairs) >= num_pairs or all(p.id in done for p in problems)
+    if not finished or dist.part_files(files.pairs) or dist.part_files(files.skipped):
+        return None
+    return files.read_summary()
+
+
 def merge_records(files: RunFiles, problems: Sequence[Problem]) -> tuple[list[dict], list[dict]]:
     """Rank 0: pairs and skipped files rewritten in problem order from the output and every part."""
     order = [p.id for p in problems]
@@ -495,5 +507,5 @@ def stage1_max_len(tokenizer, problems: Sequence[Problem], opts: Stage1Options) 
 
 
 __all__ = ["Stage1Options", "Selection", "RunFiles", "grade_rollouts", "select_pair", "judge_teacher", "build_teacher_chat",
-           "run_config", "format_summary", "Stage1", "RunStats", "read_done", "start_run", "finish_run", "merge_records",
+           "run_config", "format_summary", "Stage1", "RunStats", "read_done", "start_run", "finish_run", "finished_summary", "merge_records",
            "merge_summaries", "stage1_max_len"]

@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 from minissb.dist import World, barrier
 from minissb.lora import WEIGHTS_FILE, load_adapter, save_adapter
 from minissb.model import Qwen2ForCausalLM
-from minissb.runs import atomic_write, check_output_dir, config_differences, names_file, remove_temp_files
+from minissb.runs import atomic_write, check_output_dir, config_differences, names_file, read_jsonl, remove_temp_files
 
 STATE_FILE = "state.pt"
 # Timing fields of a metrics line: the only ones that differ between a run and its resumed twin.
@@ -190,14 +190,16 @@ def read_run_json(out: Path) -> dict | None:
 
 
 def plan_run(cfg, fields: tuple[str, ...], data_sha256: str, world: World,
-             data_name: str = "pairs file") -> tuple[dict, bool, str | None]:
-    """(fingerprint, resume, note) for the run into cfg.out: cfg's `fields` as run.json stores them
-    (tuples as lists), which a checkpoint must match; whether to continue from the newest checkpoint; a note to print.
+             data_name: str = "pairs file") -> tuple[dict, str, str | None]:
+    """(fingerprint, start, note) for the run into cfg.out: cfg's `fields` as run.json stores them
+    (tuples as lists), which a checkpoint must match; how to start ("new", "resume" from the
+    newest checkpoint, or "done"); a note to print.
 
-    Rerunning the same command continues from the newest checkpoint, or starts over when there
-    is none (killed before the first, stopped on a non-finite loss). Other settings or data
-    are refused while out holds something to lose (a checkpoint or a finished adapter), and
-    start over otherwise.
+    Rerunning the same command after the run finished does nothing ("done": its adapter stays
+    as the evaluation read it, so a rerun pipeline goes straight on); after a stop it continues
+    from the newest checkpoint, or starts over when there is none (killed before the first,
+    stopped on a non-finite loss). Other settings or data are refused while out holds something
+    to lose (a checkpoint or a finished adapter), and start over otherwise.
     """
     out = Path(cfg.out)
     fingerprint = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in fields}
@@ -214,11 +216,13 @@ def plan_run(cfg, fields: tuple[str, ...], data_sha256: str, world: World,
         if any(changes):
             raise ValueError(f"{out} holds a training run with other settings ({'; '.join(filter(None, changes))}): "
                              "rerun with those to continue it, or choose another --out")
+        if finished:
+            return fingerprint, "done", f"{out} holds this run, finished: adapter/ is its result (another --out trains again)"
     note = None
     if stored is not None and not checkpoints:
         note = f"{out} holds no checkpoint of the earlier run (it stopped before writing one): starting over"
     barrier(world)  # every rank has read the old run.json before rank 0 writes the new one
-    return fingerprint, bool(checkpoints), note
+    return fingerprint, "resume" if checkpoints else "new", note
 
 
 def write_run_json(out: Path, info: dict, start_step: int) -> None:
@@ -293,6 +297,14 @@ def finish(out: Path, model, base_model: str, stop_at: int, total_steps: int, sa
     save_adapter(model, out / "adapter", base_model=base_model)
     say(f"adapter saved to {out / 'adapter'}")
     return str(out / "adapter")
+
+
+def finished_summary(out: Path) -> dict:
+    """What rerunning a finished run returns, read back from its files: nothing is trained."""
+    info = read_run_json(out)
+    lines = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    return {"steps": info["total_steps"], "total_steps": info["total_steps"], "metrics": str(out / "metrics.jsonl"),
+            "last": lines[-1] if lines else {}, "adapter": str(out / "adapter"), "world_size": info.get("world_size", 1)}
 
 
 def truncate_metrics(path: Path, upto_step: int) -> None:

@@ -346,6 +346,11 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_when_rerun(tmp_pa
     with pytest.raises(ValueError, match=r"holds a training run with other settings \(--epochs: 2 there, 3 now\)"):
         train(config(pairs_file, run, sharp_model_dir, **{**kw, "epochs": 3}))
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    # The same command again, with no checkpoint to continue from: the run is done, not started over
+    # (a rerun pipeline must not retrain the adapter its evaluation read).
+    again = train(config(pairs_file, run, sharp_model_dir, **kw))
+    assert again["adapter"] == str(run / "adapter") and again["last"] == metrics(run)[-1]
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
     with pytest.raises(ValueError, match=r"--resume: .* holds no training run to continue"):
         train(config(pairs_file, tmp_path / "nothing", sharp_model_dir, resume=True))
 

@@ -77,6 +77,7 @@ def test_base_and_adapter_table_files_and_resume(setup, tmp_path, capsys):
     assert "base gsm8k: 3 problems" in printed and "a gsm8k: 3 problems" in printed
     assert "pass@1 % [95% CI]" in printed and "95% Wilson score interval" in printed
     assert len(read_jsonl(out / "base__gsm8k.jsonl")) == 3 and len(read_jsonl(out / "a__gsm8k.jsonl")) == 3
+    first = {r["model"]: r for r in json.loads((out / "results.json").read_text())["results"]}
 
     # Without --limit the same command continues with the 2 problems left, in each file.
     assert eval_cli.main(base_args(setup, out, "--adapter", setup["a"])) == 0
@@ -95,13 +96,19 @@ def test_base_and_adapter_table_files_and_resume(setup, tmp_path, capsys):
         assert all(1 <= r["responses"][0]["tokens"] <= 8 for r in records)
     assert rows["a"]["delta_vs_base"] == pytest.approx(rows["a"]["accuracy"] - rows["base"]["accuracy"])
     assert json.loads((out / "a__gsm8k.run.json").read_text())["adapter"] == str(setup["a"])
+    # The generation numbers cover both sessions: the first session's 3 problems, the second's 2.
+    for label, row in rows.items():
+        tokens = sum(r["responses"][0]["tokens"] for r in read_jsonl(out / f"{label}__gsm8k.jsonl"))
+        assert row["generated_problems"] == 5 and row["generated_tokens"] == tokens
+        assert row["generation_seconds"] > first[label]["generation_seconds"] > 0
 
-    # Everything done: a third run only reads the files and prints the same table.
-    before = (out / "base__gsm8k.jsonl").read_bytes()
+    # Everything done: a third run only reads the files and prints the same table; results.json
+    # keeps the speed the earlier sessions measured.
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
     assert eval_cli.main(base_args(setup, out, "--adapter", setup["a"])) == 0
     printed = capsys.readouterr().out
     assert " problems, " not in printed and "base" in printed
-    assert (out / "base__gsm8k.jsonl").read_bytes() == before
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_each_adapter_is_evaluated_on_the_base_weights(setup, tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 
 from minissb import gates, prompts
-from minissb.gates import check_solution, copied_fraction, find_leaks, longest_common_span
+from minissb.gates import check_solution, copied_fraction, find_leaks
 
 QUESTION = (
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
@@ -133,8 +133,6 @@ def test_overlap_measure_on_known_strings():
     # the default n-gram length
     text = " ".join(f"w{i}" for i in range(gates.COPY_NGRAM + 1))
     assert copied_fraction(text, text) == 1.0 and copied_fraction(text, text.rsplit(" ", 1)[0]) == 0.5
-    assert longest_common_span("x a b c y", "q a b c r") == 3
-    assert longest_common_span("a b", "c d") == 0
 
 
 def test_sharing_the_problem_numbers_and_final_answer_is_not_a_copy():

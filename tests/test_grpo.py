@@ -357,6 +357,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, answering_model):
     b = load_file(run / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it trained
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    again = grpo.train(run_config(run, answering_model, data, **kw))  # finished: a rerun trains and writes nothing
+    assert again["adapter"] == str(run / "adapter") and again["last"] == resumed[-1]
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
     assert any(m["clip_frac"] for m in straight if m["clip_frac"] is not None)  # the second inner step clipped
     assert all(m["kl"] is not None for m in straight if m["loss"] is not None)
     assert straight[0]["completion_len"] == 6  # \boxed{1} or \boxed{2}, then <|im_end|>, before any update

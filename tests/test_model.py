@@ -13,6 +13,7 @@ from minissb.model import (
     Qwen2ForCausalLM,
     from_pretrained,
     init_weights,
+    load_config,
     num_params,
     save_pretrained,
 )
@@ -155,7 +156,7 @@ def test_qwen25_configs_build_with_the_published_size(tmp_path, size):
         rope_scaling=None,
     )
     (tmp_path / "config.json").write_text(json.dumps(hf_json))
-    cfg = Qwen2Config.from_json(tmp_path / "config.json")
+    cfg = load_config(tmp_path)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)
     assert abs(num_params(model) / 1e6 - millions) < 1.0

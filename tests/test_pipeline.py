@@ -144,6 +144,12 @@ def test_pipeline_script_runs_ssb_grpo_and_one_table(tmp_path):
     results = json.loads((one / "eval/results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["base", "ssb", "grpo"]
     assert all(r["problems"] == 4 for r in results)
+    # The same command again: every step finds its work done; no pair, adapter or response changes.
+    before = {f: f.read_bytes() for f in one.rglob("*") if f.is_file()}
+    run_pipeline(tmp_path, model, "runs/p")
+    after = {f: f.read_bytes() for f in one.rglob("*") if f.is_file()}
+    changed = sorted(str(f.relative_to(one)) for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+    assert changed == []
 
     if not torch.distributed.is_available():
         return

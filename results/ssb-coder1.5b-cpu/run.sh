@@ -10,6 +10,7 @@ M=${M:-$HOME/.cache/minissb/qwen2.5-coder-1.5b-instruct}
 DATA=${DATA:-../shared/data}
 RUN=runs/ssb-coder1.5b-cpu
 RES=results/ssb-coder1.5b-cpu
+EVAL=${EVAL:-eval}   # the results folder of eval: one per machine (eval = the AMD EPYC run)
 HINT=${HINT:-}   # the hinted-prompt variant chosen by the probe, e.g. "--hint-order wrong-first"
 
 case "${1:?stage: restore | probe | variants | stage1 | train | train-copy | eval}" in
@@ -64,12 +65,24 @@ with open("runs/ssb-coder1.5b-cpu/copy-pairs.jsonl", "w") as f:
 PY
     python train.py --model "$M" --pairs $RUN/copy-pairs.jsonl --out $RUN/train-copy --teacher online --plot --save-every 4
     mkdir -p $RES/train-copy && cp $RUN/train-copy/{metrics.jsonl,metrics.png,run.json} $RES/train-copy/ ;;
-  eval)      # base and students, greedy, the first 150 GSM8K test and 50 MATH-500 problems: the issue's
-             # smaller evaluation, since stage 1 (~4 h wall here) plus the copy-rejected student's ~50
-             # online-teacher steps put the whole experiment past ~8 hours of this CPU
-    adapters=(--adapter ssb=$RUN/train/adapter)
+  eval)      # base and the students trained so far, greedy, the first 150 GSM8K test and 50 MATH-500
+             # problems: the smaller evaluation, since stage 1 (~4 h wall here) plus the
+             # copy-rejected student's 57 online-teacher steps put the whole experiment past ~8 hours
+             # of this CPU. Only the adapters that exist are evaluated, so on a new machine
+             #   run.sh restore; run.sh train-copy; run.sh eval; run.sh train; run.sh eval
+             # finishes base vs the copy-rejected student first; the second eval resumes (the models
+             # done are skipped) and adds the SSB student.
+    adapters=()
     [ -d $RUN/train-copy/adapter ] && adapters+=(--adapter copy-rejected=$RUN/train-copy/adapter)
-    python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets gsm8k --limit 150 --max-new-tokens 512 --out $RUN/eval-gsm8k
-    python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets math500 --limit 50 --max-new-tokens 1024 --out $RUN/eval-math500
-    mkdir -p $RES/eval && cp $RUN/eval-gsm8k/results.json $RES/eval/results-gsm8k.json && cp $RUN/eval-math500/results.json $RES/eval/results-math500.json ;;
+    [ -d $RUN/train/adapter ] && adapters+=(--adapter ssb=$RUN/train/adapter)
+    for ds in "gsm8k 150 512" "math500 50 1024"; do
+      set -- $ds
+      python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets $1 --limit $2 --max-new-tokens $3 \
+        --out $RUN/eval-$1
+      # EVAL names the machine's folder: a comparison holds only models evaluated on one machine
+      mkdir -p $RES/$EVAL && cp $RUN/eval-$1/*.jsonl $RUN/eval-$1/*.run.json $RES/$EVAL/
+      cp $RUN/eval-$1/results.json $RES/$EVAL/results-$1.json
+      python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets $1 --limit $2 --max-new-tokens $3 \
+        --out $RUN/eval-$1 > $RES/$EVAL/table-$1.txt   # done: this rerun only prints the table
+    done ;;
 esac
