@@ -13,7 +13,7 @@ RES=results/ssb-coder1.5b-cpu
 EVAL=${EVAL:-eval}   # the results folder of eval: one per machine (eval = the AMD EPYC run)
 HINT=${HINT:-}   # the hinted-prompt variant chosen by the probe, e.g. "--hint-order wrong-first"
 
-case "${1:?stage: restore | probe | variants | stage1 | train | train-copy | eval}" in
+case "${1:?stage: restore | probe | variants | stage1 | train | train-copy | eval | noise}" in
   restore)   # a new machine: put the committed pairs of stage 1 back under runs/
     # The captured targets are not committed, so train falls back to the online teacher. The
     # evaluations are not restored: bf16 greedy text depends on the CPU's kernels and on what else
@@ -65,24 +65,32 @@ with open("runs/ssb-coder1.5b-cpu/copy-pairs.jsonl", "w") as f:
 PY
     python train.py --model "$M" --pairs $RUN/copy-pairs.jsonl --out $RUN/train-copy --teacher online --plot --save-every 4
     mkdir -p $RES/train-copy && cp $RUN/train-copy/{metrics.jsonl,metrics.png,run.json} $RES/train-copy/ ;;
-  eval)      # base and the students trained so far, greedy, the first 150 GSM8K test and 50 MATH-500
-             # problems: the smaller evaluation, since stage 1 (~4 h wall here) plus the
-             # copy-rejected student's 57 online-teacher steps put the whole experiment past ~8 hours
-             # of this CPU. Only the adapters that exist are evaluated, so on a new machine
+  eval)      # base and the students trained so far, greedy, the first GSM8K_N GSM8K test and MATH500_N
+             # MATH-500 problems. 150 and 50 are the smaller sizes (the AMD EPYC run, where the
+             # whole experiment was past ~8 hours of CPU); GSM8K_N=200 MATH500_N=100, the sizes,
+             # continue the same files with the problems left. Only the adapters that exist are
+             # evaluated, so on a new machine
              #   run.sh restore; run.sh train-copy; run.sh eval; run.sh train; run.sh eval
              # finishes base vs the copy-rejected student first; the second eval resumes (the models
              # done are skipped) and adds the SSB student.
     adapters=()
     [ -d $RUN/train-copy/adapter ] && adapters+=(--adapter copy-rejected=$RUN/train-copy/adapter)
     [ -d $RUN/train/adapter ] && adapters+=(--adapter ssb=$RUN/train/adapter)
-    for ds in "gsm8k 150 512" "math500 50 1024"; do
+    for ds in "gsm8k ${GSM8K_N:-150} 512" "math500 ${MATH500_N:-50} 1024"; do
       set -- $ds
       python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets $1 --limit $2 --max-new-tokens $3 \
         --out $RUN/eval-$1
       # EVAL names the machine's folder: a comparison holds only models evaluated on one machine
       mkdir -p $RES/$EVAL && cp $RUN/eval-$1/*.jsonl $RUN/eval-$1/*.run.json $RES/$EVAL/
-      cp $RUN/eval-$1/results.json $RES/$EVAL/results-$1.json
+      cp $RUN/eval-$1/results.json $RES/$EVAL/results-$1-$2.json
       python eval.py --model "$M" --data-dir "$DATA" "${adapters[@]}" --datasets $1 --limit $2 --max-new-tokens $3 \
-        --out $RUN/eval-$1 > $RES/$EVAL/table-$1.txt   # done: this rerun only prints the table
+        --out $RUN/eval-$1 > $RES/$EVAL/table-$1-$2.txt   # done: this rerun only prints the table
     done ;;
+  noise)     # the noise floor of a paired comparison: the base model alone again, same problems and
+             # command but 32 engine slots instead of 64, so only the batch its rows share changes
+    python eval.py --model "$M" --data-dir "$DATA" --datasets gsm8k --limit ${GSM8K_N:-150} --max-new-tokens 512 \
+      --batch-size 32 --out $RUN/eval-gsm8k-32slots
+    mkdir -p $RES/$EVAL && cp $RUN/eval-gsm8k-32slots/base__gsm8k.jsonl $RES/$EVAL/base-32slots__gsm8k.jsonl
+    python $RES/compare.py $RUN/eval-gsm8k/base__gsm8k.jsonl $RUN/eval-gsm8k-32slots/base__gsm8k.jsonl \
+      | tee $RES/$EVAL/compare-base-64-32slots-gsm8k.txt ;;
 esac
