@@ -44,7 +44,7 @@ case "${1:?stage: restore | probe | variants | stage1 | train | train-copy | eva
     teacher=captured   # the online teacher is the same weights on the same hinted prompt, recomputed
     [ -d $RUN/stage1/pairs.targets ] || { teacher=online; echo "no captured targets here: --teacher online"; }
     python train.py --model "$M" --pairs $RUN/stage1/pairs.jsonl --out $RUN/train --teacher $teacher --plot --save-every 4
-    res=$RES/train; [ $teacher = online ] && res=$RES/train-online   # keep the captured run's record
+    res=$RES/train; [ $teacher = online ] && res=$RES/train-online${TRAIN_TAG:+-$TRAIN_TAG}   # keep the captured run's record (TRAIN_TAG=xeon: and another machine's)
     mkdir -p $res && cp $RUN/train/{metrics.jsonl,metrics.png,run.json} $res/ ;;
   train-copy) # a second student on the pairs only the copy gate rejected (online teacher: rejects store no targets)
     python - <<PY
@@ -72,7 +72,8 @@ PY
              # evaluated, so on a new machine
              #   run.sh restore; run.sh train-copy; run.sh eval; run.sh train; run.sh eval
              # finishes base vs the copy-rejected student first; the second eval resumes (the models
-             # done are skipped) and adds the SSB student.
+             # done are skipped) and adds the SSB student. The Xeon run of the README was that with
+             # EVAL=eval-xeon (and TRAIN_TAG=xeon for train), then GSM8K_N=200 MATH500_N=100 eval.
     adapters=()
     [ -d $RUN/train-copy/adapter ] && adapters+=(--adapter copy-rejected=$RUN/train-copy/adapter)
     [ -d $RUN/train/adapter ] && adapters+=(--adapter ssb=$RUN/train/adapter)
