@@ -170,35 +170,43 @@ def sample_tokens(logits, uniforms, temperature, top_k=None, top_p=None) -> torc
     temperature 0 = greedy for that row, top_k 0/None = off, top_p 1/None = off). Order as in
     Hugging Face: temperature, top-k, top-p; then the inverse CDF of the kept candidates at
     the row's uniform. A row's token is a function of its own logits, settings and uniform.
+
+    The (n, V) logits are read as few times as possible, in their own dtype: on the 2-core
+    Xeon (avx512_bf16) each full pass over 64 x 151,936 bf16 logits costs ~10 ms (upcast,
+    divide by temperature, argmax) against ~215 ms for the whole decode step. Dividing by a
+    positive temperature keeps the order, so the candidates are chosen on the raw logits and
+    only they are upcast and scaled (the same float32 values as scaling first).
     """
     n, V = logits.shape
-    logits = logits.float()
-    temps = _per_row(temperature, n, 0.0)
-    greedy = logits.argmax(dim=-1)
-    if not (temps > 0).any():
-        return greedy
-    ks = _per_row(top_k, n, 0).long()
+    temps = _per_row(temperature, n, 0.0).to(logits.device)
+    sampled_rows = temps > 0
+    if not sampled_rows.any():
+        # max(dim) returns the first maximal index, like argmax, at a quarter of its time in bf16.
+        return logits.max(dim=-1).indices
+    ks = _per_row(top_k, n, 0).long().to(logits.device)
     ks = torch.where((ks <= 0) | (ks > V), V, ks)
-    ps = _per_row(top_p, n, 1.0)
-    scaled = logits / torch.where(temps > 0, temps, 1.0).to(logits.device)[:, None]
+    ps = _per_row(top_p, n, 1.0).to(logits.device)
     # Candidates sorted by logit: a topk of the largest k any row needs (cheap next to
     # sorting the ~150k vocabulary), then each row keeps its own first k.
     kmax = int(ks.max())
     if kmax < V:
-        cand, cand_ids = scaled.topk(kmax, dim=-1)  # (n, kmax), descending
+        cand, cand_ids = logits.topk(kmax, dim=-1)  # (n, kmax), descending
     else:
-        cand, cand_ids = scaled.sort(dim=-1, descending=True)  # (n, V)
+        cand, cand_ids = logits.sort(dim=-1, descending=True)  # (n, V)
+    cand = cand.float() / torch.where(sampled_rows, temps, 1.0)[:, None]
     ranks = torch.arange(kmax, device=logits.device)[None, :]
-    cand = cand.masked_fill(ranks >= ks.to(logits.device)[:, None], float("-inf"))
+    cand = cand.masked_fill(ranks >= ks[:, None], float("-inf"))
     if (ps < 1).any():
-        cand = cand.masked_fill(~_top_p_mask_sorted(cand, ps.to(logits.device)[:, None]), float("-inf"))
+        cand = cand.masked_fill(~_top_p_mask_sorted(cand, ps[:, None]), float("-inf"))
     # Inverse CDF: the first candidate whose cumulative probability exceeds u. Masked
     # candidates add zero mass, so they can never be the first to pass u.
     cdf = cand.softmax(dim=-1).cumsum(dim=-1)  # (n, kmax)
     target = uniforms.to(cdf.device, torch.float32)[:, None] * cdf[:, -1:]  # (n, 1); cdf[-1] ~ 1
     pick = torch.searchsorted(cdf, target, right=True).clamp_(max=kmax - 1)  # (n, 1)
     sampled = cand_ids.gather(-1, pick).squeeze(-1)
-    return torch.where(temps.to(logits.device) > 0, sampled, greedy)
+    if sampled_rows.all():
+        return sampled
+    return torch.where(sampled_rows, sampled, logits.max(dim=-1).indices)
 
 
 def _per_row(value, n: int, off) -> torch.Tensor:
@@ -441,12 +449,11 @@ class Engine:
     def _sample_and_accept(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[RequestOutput]:
         """Sample one token for each sequence (logits row i is seqs[i]'s) and record it."""
         reqs = [q.request for q in seqs]
-        logits = logits.float()
-        raw = logits
+        raw = logits  # (n, V) in the model's dtype: sample_tokens upcasts only what it keeps
         penalties = [r.repetition_penalty for r in reqs]
         if any(p != 1.0 for p in penalties):
             slots = torch.tensor([q.slot for q in seqs], device=self.device)
-            logits = apply_repetition_penalty(logits, self.seen[slots], torch.tensor(penalties, device=self.device))
+            logits = apply_repetition_penalty(logits.float(), self.seen[slots], torch.tensor(penalties, device=self.device))
         keys = np.array([q.key for q in seqs], dtype=np.uint64)
         steps = np.array([len(q.tokens) for q in seqs], dtype=np.uint64)  # step i draws the i-th token
         noise = uniforms(keys, steps)
@@ -455,7 +462,7 @@ class Engine:
         tokens = tokens_t.tolist()
         lps = None
         if any(r.return_logprobs for r in reqs):
-            lps = raw.log_softmax(dim=-1).gather(-1, tokens_t[:, None]).squeeze(-1).tolist()
+            lps = raw.float().log_softmax(dim=-1).gather(-1, tokens_t[:, None]).squeeze(-1).tolist()
         if self.seen is not None:
             self.seen[[q.slot for q in seqs], tokens_t] = True
         self.stats["tokens"] += len(seqs)

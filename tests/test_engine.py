@@ -297,6 +297,17 @@ def test_per_row_settings_equal_each_row_alone():
         assert together[i] == sample_tokens(logits[i : i + 1], u[i : i + 1], temps[i], ks[i] or None, ps[i])[0]
 
 
+def test_bf16_logits_sample_as_their_float32_values():
+    # sample_tokens picks candidates on the raw bf16 logits and upcasts only those: the tokens
+    # must be those of the float32 values, ties included (bf16 logits tie often).
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(16, 3000, generator=g) * 3).to(torch.bfloat16)
+    u = torch.rand(16, generator=g)
+    temps, ks, ps = [0.0, 0.8] * 8, [None, 50, 0, 7] * 4, [None, None, 0.8, 0.95] * 4
+    assert torch.equal(sample_tokens(logits, u, temps, ks, ps), sample_tokens(logits.float(), u, temps, ks, ps))
+    assert torch.equal(sample_tokens(logits, u, 0.0), logits.float().argmax(-1))  # first of tied maxima
+
+
 def test_greedy_is_argmax_and_ignores_noise():
     logits = torch.randn(5, 50)
     assert torch.equal(sample_tokens(logits, torch.rand(5), 0.0, top_k=3, top_p=0.5), logits.argmax(-1))
