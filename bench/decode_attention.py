@@ -6,8 +6,9 @@ a strided view of a longer buffer and rows have ragged lengths, as in the engine
     python bench/decode_attention.py                 # 0.5B and 3B head shapes, bf16 and fp32
     python bench/decode_attention.py --rows 8,64 --spans 400,1300 --repeats 30
 
-Prints ms per call of each form (median of interleaved rounds), their ratio, and the largest
-difference between the two outputs.
+Prints ms per call of each form (median of interleaved rounds), their ratio, the largest
+difference between the two outputs, and each form's largest error against float64 SDPA on the
+same (already rounded) inputs: the two round differently, and this says whether either is worse.
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ def compare(rows: int, heads: int, kv_heads: int, dim: int, span: int, dtype, re
         y = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, dim), k, v, attn_mask=mask)
         return y.reshape(rows, heads, 1, dim)
 
-    diff = (gqa().float() - folded().float()).abs().max().item()
+    y_gqa, y_folded = gqa().double(), folded().double()
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    diff = (y_gqa - y_folded).abs().max().item()
+    errors = ((y_gqa - exact).abs().max().item(), (y_folded - exact).abs().max().item())
     times = {"gqa": [], "folded": []}
     for _ in range(repeats):  # interleaved, so load from other processes hits both alike
         times["gqa"].append(timed(gqa))
         times["folded"].append(timed(folded))
-    return statistics.median(times["gqa"]), statistics.median(times["folded"]), diff
+    return statistics.median(times["gqa"]), statistics.median(times["folded"]), diff, errors
 
 
 def main() -> None:
@@ -69,10 +73,11 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32):
             for rows in map(int, args.rows.split(",")):
                 for span in map(int, args.spans.split(",")):
-                    a, b, diff = compare(rows, heads, kv_heads, dim, span, dtype, args.repeats)
+                    a, b, diff, (err_gqa, err_folded) = compare(rows, heads, kv_heads, dim, span, dtype, args.repeats)
                     dt = str(dtype).removeprefix("torch.")
                     print(f"  {name:4s} {dt:8s} rows {rows:3d} span {span:5d}  gqa {a:7.2f} ms  folded {b:7.2f} ms"
-                          f"  ratio {a / b:4.2f}x  max diff {diff:.1e}")
+                          f"  ratio {a / b:4.2f}x  max diff {diff:.1e}"
+                          f"  vs float64: gqa {err_gqa:.1e} folded {err_folded:.1e}")
 
 
 if __name__ == "__main__":
